@@ -1,0 +1,291 @@
+"""The configuration file: one YAML document, validated against a schema.
+
+Every key has a type and a default; README.md documents each of them. An invalid
+value raises ConfigError naming the file, the line and the dotted key, so that
+`portcullis check-config` and `portcullis serve` can print it without a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+DEFAULT_PATH = "/etc/portcullis/portcullis.yaml"
+
+
+class ConfigError(Exception):
+    """A configuration problem, phrased for the administrator."""
+
+
+# --- value types --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
+    """Parse "host:port", "[v6]:port", or a bare host when default_port is given."""
+    text = str(text).strip()
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    elif text.count(":") == 1:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, ""
+    if not port_text:
+        if default_port is None:
+            raise ValueError(f"'{text}' needs a port, as host:port")
+        return HostPort(host, default_port)
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ValueError(f"'{text}' has an invalid port")
+    if not host:
+        raise ValueError(f"'{text}' has no host")
+    return HostPort(host, int(port_text))
+
+
+def _memory_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return 1 << 30
+
+
+def default_max_connections() -> int:
+    """Size the global cap to memory: about 64 KiB per connection, up to a quarter of RAM."""
+    return max(256, min(50_000, _memory_bytes() // 4 // (64 * 1024)))
+
+
+# --- schema -------------------------------------------------------------------
+# Each section is a dataclass; field metadata carries the constraint checked at load.
+
+def _c(default: Any = None, *, minimum: float | None = None, choices: tuple = (), factory=None):
+    meta = {"minimum": minimum, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Limits:
+    max_connections: int = _c(factory=default_max_connections, minimum=1)
+    max_connections_per_ip: int = _c(20, minimum=1)
+    max_connections_per_prefix: int = _c(60, minimum=1)
+    ipv4_prefix: int = _c(24, minimum=8)
+    ipv6_prefix: int = _c(64, minimum=16)
+    connection_rate_per_ip: float = _c(5.0, minimum=0.01)  # new connections per second
+    connection_burst_per_ip: int = _c(30, minimum=1)
+    max_recipients: int = _c(100, minimum=1)
+    max_message_size: int = _c(25 * 1024 * 1024, minimum=1024)
+    max_strikes: int = _c(5, minimum=1)
+    max_commands: int = _c(2000, minimum=10)
+    command_timeout: float = _c(60.0, minimum=0.1)
+    session_timeout: float = _c(600.0, minimum=1)
+    min_data_rate: int = _c(512, minimum=0)  # bytes per second, averaged over DATA
+    pregreet_delay: float = _c(3.0, minimum=0)
+    pregreet_ttl: float = _c(86400.0, minimum=0)
+    stress_threshold: float = _c(0.75, minimum=0)  # fraction of max_connections
+    stress_command_timeout: float = _c(10.0, minimum=0.1)
+    listen_backlog: int = _c(4096, minimum=16)
+
+
+@dataclass
+class Backend:
+    servers: list[HostPort] = _c(factory=list)
+    connect_timeout: float = _c(5.0, minimum=0.1)
+    command_timeout: float = _c(30.0, minimum=0.1)
+    data_timeout: float = _c(120.0, minimum=0.1)
+    helo: str = ""
+
+
+@dataclass
+class LdapDirectory:
+    url: str = "ldap://127.0.0.1:389"
+    bind_dn: str = ""
+    password_file: str = ""
+    base: str = ""
+    filter: str = "(|(mail={addr})(mailAlternateAddress={addr}))"
+    starttls: bool = False
+    ca_file: str = ""
+    timeout: float = _c(3.0, minimum=0.1)
+    pool_size: int = _c(4, minimum=1)
+    positive_ttl: float = _c(600.0, minimum=0)
+    negative_ttl: float = _c(120.0, minimum=0)
+
+
+@dataclass
+class Recipients:
+    source: str = _c("static", choices=("static", "ldap"))
+    file: str = "/etc/portcullis/recipients"
+    ldap: LdapDirectory = field(default_factory=LdapDirectory)
+
+
+@dataclass
+class Tls:
+    enabled: bool = True
+    cert_file: str = ""
+    key_file: str = ""
+    generated_dir: str = "/var/lib/portcullis/tls"
+
+
+@dataclass
+class Metrics:
+    listen: HostPort | None = None
+
+
+@dataclass
+class Config:
+    hostname: str = "localhost"
+    listen: list[HostPort] = _c(factory=lambda: [HostPort("0.0.0.0", 25)])
+    workers: int = _c(0, minimum=0)  # 0 = one per CPU
+    relay_domains: list[str] = _c(factory=list)
+    allowlist: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = _c(factory=list)
+    state_dir: str = "/var/lib/portcullis"
+    ban_socket: str = ""
+    log_level: str = _c("info", choices=("debug", "info", "warning", "error"))
+    recipients: Recipients = field(default_factory=Recipients)
+    backend: Backend = field(default_factory=Backend)
+    limits: Limits = field(default_factory=Limits)
+    tls: Tls = field(default_factory=Tls)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def is_relay_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.relay_domains
+
+
+# --- loading ------------------------------------------------------------------
+
+def load(path: str = DEFAULT_PATH) -> Config:
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    return loads(text, path)
+
+
+def loads(text: str | bytes, path: str = "<config>") -> Config:
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"{path}{where}: not valid YAML: {problem}") from None
+    if node is None:
+        node = yaml.MappingNode("tag:yaml.org,2002:map", [])
+    config = _build(Config, node, path, "")
+    _check_whole(config, path)
+    return config
+
+
+def _build(cls: type, node: yaml.Node, path: str, prefix: str):
+    if not isinstance(node, yaml.MappingNode):
+        raise _error(path, node, prefix or "(top level)", "must be a mapping of keys")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key_node, value_node in node.value:
+        key = key_node.value
+        dotted = f"{prefix}{key}"
+        if key not in known:
+            raise _error(path, key_node, dotted, "unknown key")
+        if key in values:
+            raise _error(path, key_node, dotted, "given twice")
+        values[key] = _convert(hints[key], known[key].metadata, value_node, path, dotted)
+    return cls(**values)
+
+
+_SCALAR_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def _convert(hint, meta, node: yaml.Node, path: str, dotted: str):
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if is_dataclass(hint):
+        return _build(hint, node, path, dotted + ".")
+    if origin is list:
+        if isinstance(node, yaml.ScalarNode) and node.value == "":
+            return []
+        if not isinstance(node, yaml.SequenceNode):
+            raise _error(path, node, dotted, "must be a list")
+        return [_convert(args[0], {}, item, path, dotted) for item in node.value]
+    if args and type(None) in args:  # Optional[X]
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if origin is dict:
+        return yaml.safe_load(yaml.serialize(node))
+    if not isinstance(node, yaml.ScalarNode):
+        raise _error(path, node, dotted, "must be a single value")
+    value = yaml.safe_load(yaml.serialize(node))
+    try:
+        converted = _scalar(hint, value)
+    except (ValueError, TypeError) as e:
+        raise _error(path, node, dotted, str(e)) from None
+    minimum = meta.get("minimum")
+    if minimum is not None and converted < minimum:
+        raise _error(path, node, dotted, f"must be at least {minimum}, got {converted}")
+    choices = meta.get("choices")
+    if choices and converted not in choices:
+        raise _error(path, node, dotted, f"must be one of {', '.join(choices)}, got '{converted}'")
+    return converted
+
+
+def _scalar(hint, value):
+    if hint is HostPort:
+        return parse_host_port(value)
+    if hint in (ipaddress.IPv4Network | ipaddress.IPv6Network,) or get_args(hint) == (
+        ipaddress.IPv4Network, ipaddress.IPv6Network,
+    ):
+        try:
+            return ipaddress.ip_network(str(value), strict=False)
+        except ValueError:
+            raise ValueError(f"'{value}' is not a network address like 10.0.0.0/8") from None
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"must be true or false, got '{value}'")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"must be an integer, got '{value}'")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got '{value}'")
+        return float(value)
+    if hint is str:
+        if value is None or isinstance(value, (dict, list)):
+            raise ValueError(f"must be a string, got '{value}'")
+        return str(value)
+    raise TypeError(f"unsupported type {hint}")
+
+
+def _error(path: str, node: yaml.Node, dotted: str, problem: str) -> ConfigError:
+    return ConfigError(f"{path} line {node.start_mark.line + 1}: key '{dotted}': {problem}")
+
+
+def _check_whole(config: Config, path: str) -> None:
+    """Rules that span keys. Fail closed: a gate without them would relay wrongly."""
+    if not config.relay_domains:
+        raise ConfigError(f"{path}: key 'relay_domains': list at least one domain to accept mail for")
+    config.relay_domains = [d.lower().rstrip(".") for d in config.relay_domains]
+    if not config.backend.servers:
+        raise ConfigError(f"{path}: key 'backend.servers': list at least one host:port")
+    if not config.listen:
+        raise ConfigError(f"{path}: key 'listen': list at least one host:port")
+    if not config.backend.helo:
+        config.backend.helo = config.hostname
+    if config.recipients.source == "ldap" and not config.recipients.ldap.base:
+        raise ConfigError(f"{path}: key 'recipients.ldap.base': required when source is ldap")
+    if config.workers == 0:
+        config.workers = os.cpu_count() or 1
