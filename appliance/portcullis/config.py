@@ -32,6 +32,9 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 def parse_host_port(text: str, default_port: int | None = None) -> HostPort:
     """Parse "host:port", "[v6]:port", or a bare host when default_port is given."""
     text = str(text).strip()
@@ -142,13 +145,17 @@ class Metrics:
     listen: HostPort | None = None
 
 
+# --- policy sections (directory-harvest defence, DNS checks) ------------------
+# Added by the policy modules' authors; each is a dataclass with defaults.
+
+
 @dataclass
 class Config:
     hostname: str = "localhost"
     listen: list[HostPort] = _c(factory=lambda: [HostPort("0.0.0.0", 25)])
     workers: int = _c(0, minimum=0)  # 0 = one per CPU
     relay_domains: list[str] = _c(factory=list)
-    allowlist: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = _c(factory=list)
+    allowlist: list[Network] = _c(factory=list)
     state_dir: str = "/var/lib/portcullis"
     ban_socket: str = ""
     log_level: str = _c("info", choices=("debug", "info", "warning", "error"))
@@ -157,6 +164,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     tls: Tls = field(default_factory=Tls)
     metrics: Metrics = field(default_factory=Metrics)
+    # --- policy section fields ---
 
     def is_relay_domain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.relay_domains
@@ -211,7 +219,7 @@ _SCALAR_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "t
 def _convert(hint, meta, node: yaml.Node, path: str, dotted: str):
     origin = get_origin(hint)
     args = get_args(hint)
-    if is_dataclass(hint):
+    if is_dataclass(hint) and hint is not HostPort:
         return _build(hint, node, path, dotted + ".")
     if origin is list:
         if isinstance(node, yaml.ScalarNode) and node.value == "":
@@ -219,7 +227,7 @@ def _convert(hint, meta, node: yaml.Node, path: str, dotted: str):
         if not isinstance(node, yaml.SequenceNode):
             raise _error(path, node, dotted, "must be a list")
         return [_convert(args[0], {}, item, path, dotted) for item in node.value]
-    if args and type(None) in args:  # Optional[X]
+    if args and type(None) in args:  # X | None
         if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":null"):
             return None
         hint = next(a for a in args if a is not type(None))
@@ -244,9 +252,7 @@ def _convert(hint, meta, node: yaml.Node, path: str, dotted: str):
 def _scalar(hint, value):
     if hint is HostPort:
         return parse_host_port(value)
-    if hint in (ipaddress.IPv4Network | ipaddress.IPv6Network,) or get_args(hint) == (
-        ipaddress.IPv4Network, ipaddress.IPv6Network,
-    ):
+    if hint == Network:
         try:
             return ipaddress.ip_network(str(value), strict=False)
         except ValueError:
