@@ -112,17 +112,27 @@ class Backend:
 
 @dataclass
 class LdapDirectory:
-    url: str = "ldap://127.0.0.1:389"
-    bind_dn: str = ""
-    password_file: str = ""
+    """Where recipients are looked up when `recipients.source` is ldap.
+
+    The filter's `{addr}` is replaced by the RFC 4515-escaped address. The default suits
+    directories with the `mail` and `mailAlternateAddress` attributes (Sun/qmail schemas).
+    Every search is bounded by `timeout` seconds; past it the recipient gets a 451.
+    Unknown answers are cached for less time than found ones, so a new mailbox is
+    reachable within `negative_ttl` seconds; `cache_size` bounds the cache in entries.
+    """
+
+    url: str = "ldap://127.0.0.1:389"  # ldap:// or ldaps://
+    bind_dn: str = ""  # empty: anonymous bind
+    password_file: str = ""  # first line is the bind password
     base: str = ""
     filter: str = "(|(mail={addr})(mailAlternateAddress={addr}))"
     starttls: bool = False
-    ca_file: str = ""
+    ca_file: str = ""  # empty: the system trust store
     timeout: float = _c(3.0, minimum=0.1)
-    pool_size: int = _c(4, minimum=1)
+    pool_size: int = _c(4, minimum=1)  # connections, and threads running searches
     positive_ttl: float = _c(600.0, minimum=0)
     negative_ttl: float = _c(120.0, minimum=0)
+    cache_size: int = _c(20_000, minimum=0)  # about 250 bytes an entry; 0: no cache
 
 
 @dataclass
@@ -148,6 +158,62 @@ class Metrics:
 # --- policy sections (directory-harvest defence, DNS checks) ------------------
 # Added by the policy modules' authors; each is a dataclass with defaults.
 
+# Directory-harvest defence, one reputation score, and the ban helper. The reasons for
+# each default are in the docstrings of portcullis.policy.dha, .score and .reputation.
+
+@dataclass
+class Reputation:
+    store: str = _c("sqlite", choices=("sqlite", "memory"))  # sqlite: state_dir/reputation.db
+    ban_ttl: float = _c(3600.0, minimum=1)  # seconds a DHA or score ban lasts
+    sync_interval: float = _c(1.0, minimum=0.05)  # seconds between reads of other workers' writes
+
+
+@dataclass
+class Dha:
+    enabled: bool = True
+    window: float = _c(600.0, minimum=1)  # seconds invalid recipients are remembered
+    tarpit_after: int = _c(3, minimum=1)  # invalid recipients per client address
+    suspect_after: int = _c(5, minimum=1)
+    ban_after: int = _c(10, minimum=1)
+    prefix_tarpit_after: int = _c(10, minimum=1)  # per /24 (IPv4) or /64 (IPv6), limits.*_prefix
+    prefix_suspect_after: int = _c(20, minimum=1)
+    prefix_ban_after: int = _c(30, minimum=1)
+    tarpit_step: float = _c(1.0, minimum=0)  # seconds added per invalid recipient
+    tarpit_max: float = _c(5.0, minimum=0)
+    suspect_delay: float = _c(5.0, minimum=0)  # the one delay every suspect RCPT gets
+
+
+@dataclass
+class ScoreWeights:
+    pregreet: float = _c(10.0, minimum=0)
+    dnsbl: float = _c(8.0, minimum=0)
+    no_reverse_dns: float = _c(3.0, minimum=0)
+    bad_helo: float = _c(3.0, minimum=0)
+    invalid_recipient: float = _c(2.0, minimum=0)
+    strike: float = _c(2.0, minimum=0)
+
+
+@dataclass
+class Score:
+    tarpit: float = _c(5.0, minimum=0)
+    tempfail: float = _c(10.0, minimum=0)
+    ban: float = _c(20.0, minimum=0)
+    tarpit_delay: float = _c(2.0, minimum=0)
+    weights: ScoreWeights = field(default_factory=ScoreWeights)
+
+
+@dataclass
+class BanHelper:
+    table: str = "portcullis"  # an nftables table of family inet
+    set_ipv4: str = "portcullis_ban4"
+    set_ipv6: str = "portcullis_ban6"
+    never_ban: list[Network] = _c(factory=list)  # in addition to the top-level allowlist
+    min_seconds: int = _c(1, minimum=1)
+    max_seconds: int = _c(7 * 86400, minimum=1)
+    rate: float = _c(5.0, minimum=0.001)  # bans per second, sustained
+    burst: int = _c(50, minimum=1)
+    socket_group: str = "portcullis"  # may connect to ban_socket; "" keeps the helper's group
+
 
 @dataclass
 class Config:
@@ -165,6 +231,10 @@ class Config:
     tls: Tls = field(default_factory=Tls)
     metrics: Metrics = field(default_factory=Metrics)
     # --- policy section fields ---
+    reputation: Reputation = field(default_factory=Reputation)
+    dha: Dha = field(default_factory=Dha)
+    score: Score = field(default_factory=Score)
+    ban_helper: BanHelper = field(default_factory=BanHelper)
 
     def is_relay_domain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.relay_domains

@@ -1,0 +1,305 @@
+"""The gate process: listens, admits or refuses, and hands sockets to workers.
+
+Workers are separate processes (`portcullis worker`), each joined to the gate by a
+SOCK_SEQPACKET pair. The gate sends each admitted socket with SCM_RIGHTS and a
+small JSON header; a worker answers "done" when the session ends and ships its
+counters every second. The gate alone holds the per-client state, so the limits
+hold across workers, and it alone serves the metrics.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import json
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import config as configuration
+from . import tls
+from .admission import ConnectionTable
+from .config import Config, ConfigError
+from .metrics import Registry
+
+log = logging.getLogger("portcullis.gate")
+
+CONTROL_MESSAGE = 65536
+RESPAWN_DELAY = 1.0
+
+
+@dataclass
+class Worker:
+    number: int
+    process: subprocess.Popen
+    control: socket.socket
+    active: int = 0
+
+
+@dataclass
+class Connection:
+    ip: str
+    counted: bool  # counted against the per-client caps (not allowlisted)
+    worker: Worker | None = None
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    address: str
+
+
+@dataclass
+class Gate:
+    config: Config
+    config_path: str
+    table: ConnectionTable = field(init=False)
+    registry: Registry = field(default_factory=Registry)
+    workers: list[Worker] = field(default_factory=list)
+    listeners: list[Listener] = field(default_factory=list)
+    connections: dict[int, Connection] = field(default_factory=dict)
+    next_id: int = 0
+    stopping: bool = False
+
+    def __post_init__(self) -> None:
+        self.table = ConnectionTable(self.config)
+        self.loop = asyncio.get_event_loop()
+
+    # --- start and stop ---------------------------------------------------------
+
+    def bind(self) -> None:
+        for address in self.config.listen:
+            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind((address.host, address.port))
+            except OSError as e:
+                sock.close()
+                raise ConfigError(f"key 'listen': cannot listen on {address}: {e.strerror}") from None
+            sock.listen(self.config.limits.listen_backlog)
+            sock.setblocking(False)
+            self.listeners.append(Listener(sock, str(address)))
+
+    async def run(self) -> None:
+        tls.server_context(self.config.tls, self.config.hostname)  # fail early; make the pair once
+        self.bind()
+        for number in range(self.config.workers):
+            self._spawn(number)
+        if self.config.metrics.listen:
+            self.registry.serve(self.config.metrics.listen)
+        for listener in self.listeners:
+            self.loop.add_reader(listener.sock.fileno(), self._accept, listener)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self._stopped = asyncio.Event()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(signum, self._stopped.set)
+        log.info("listening on %s with %d workers",
+                 ", ".join(l.address for l in self.listeners), len(self.workers))
+        housekeeping = asyncio.ensure_future(self._housekeeping())
+        await self._stopped.wait()
+        housekeeping.cancel()
+        await self.stop()
+
+    async def stop(self) -> None:
+        self.stopping = True
+        for listener in self.listeners:
+            self.loop.remove_reader(listener.sock.fileno())
+            listener.sock.close()
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for worker in self.workers:
+            try:
+                worker.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                worker.process.kill()
+        log.info("stopped")
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration; keep the old one if the new one is bad."""
+        try:
+            new = configuration.load(self.config_path)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return
+        if [str(a) for a in new.listen] != [str(a) for a in self.config.listen]:
+            log.warning("listen addresses changed; they take effect on restart")
+        self.config = new
+        self.table.configure(new)
+        for worker in self.workers:
+            if worker.process.poll() is None:
+                worker.process.send_signal(signal.SIGHUP)
+        log.info("configuration reloaded")
+
+    # --- workers ----------------------------------------------------------------
+
+    def _spawn(self, number: int) -> None:
+        gate_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        command = [sys.executable, "-m", "portcullis.cli", "worker",
+                   "-c", self.config_path, "--control-fd", str(worker_end.fileno()),
+                   "--number", str(number)]
+        process = subprocess.Popen(command, pass_fds=[worker_end.fileno()])
+        worker_end.close()
+        gate_end.setblocking(False)
+        worker = Worker(number, process, gate_end)
+        if number < len(self.workers):
+            self.workers[number] = worker
+        else:
+            self.workers.append(worker)
+        self.loop.add_reader(gate_end.fileno(), self._from_worker, worker)
+
+    def _from_worker(self, worker: Worker) -> None:
+        while True:
+            try:
+                message = worker.control.recv(CONTROL_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                message = b""
+            if not message:
+                self._worker_died(worker)
+                return
+            report = json.loads(message)
+            for connection_id in report.get("done", ()):
+                self._closed(connection_id)
+            if "tally" in report:
+                self.registry.merge(report["tally"])
+
+    def _worker_died(self, worker: Worker) -> None:
+        self.loop.remove_reader(worker.control.fileno())
+        worker.control.close()
+        for connection_id in [i for i, c in self.connections.items() if c.worker is worker]:
+            self._closed(connection_id)
+        if self.stopping:
+            return
+        code = worker.process.wait()
+        log.error("worker %d exited with status %s; starting a new one", worker.number, code)
+        self.loop.call_later(RESPAWN_DELAY, self._spawn, worker.number)
+
+    def _pick_worker(self) -> Worker | None:
+        alive = [w for w in self.workers if w.control.fileno() >= 0]
+        return min(alive, key=lambda w: w.active, default=None)
+
+    # --- connections ------------------------------------------------------------
+
+    def _accept(self, listener: Listener) -> None:
+        for _ in range(64):  # bounded batch per wake-up, fair to the other listeners
+            try:
+                sock, peer = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # EMFILE and friends: back off instead of spinning
+                log.error("accept failed: %s", e)
+                self.loop.remove_reader(listener.sock.fileno())
+                self.loop.call_later(0.5, self.loop.add_reader, listener.sock.fileno(),
+                                     self._accept, listener)
+                return
+            sock.setblocking(False)
+            self._admit(sock, _client_ip(peer[0]), peer[1])
+
+    def _admit(self, sock: socket.socket, ip: str, port: int) -> None:
+        now = time.monotonic()
+        table = self.table
+        allowlisted = table.is_allowlisted(ip)
+        if not allowlisted:
+            verdict = table.judge(ip, now)
+            if verdict.label:
+                self._refuse(sock, verdict.reply, verdict.label)
+                return
+        connection_id = self.next_id
+        self.next_id += 1
+        connection = Connection(ip, counted=not allowlisted)
+        self.connections[connection_id] = connection
+        table.opened(ip, connection.counted)
+        self.registry.active.set(table.total)
+        if not allowlisted and table.needs_pregreet(ip, now):
+            self._pregreet(sock, connection_id, port)
+        else:
+            self._dispatch(sock, connection_id, port)
+
+    def _refuse(self, sock: socket.socket, reply: bytes, label: str) -> None:
+        self.registry.reasons.labels(label).inc()
+        try:
+            sock.send(reply)
+        except OSError:
+            pass
+        sock.close()
+
+    def _pregreet(self, sock: socket.socket, connection_id: int, port: int) -> None:
+        """Wait silently before the banner; a client that talks first is refused."""
+        fd = sock.fileno()
+        connection = self.connections[connection_id]
+
+        def talked() -> None:
+            self.loop.remove_reader(fd)
+            timer.cancel()
+            try:
+                early = sock.recv(512)
+            except OSError:
+                early = b""
+            self._closed(connection_id)
+            if early:
+                self.table.pregreet_fail(connection.ip)
+                self._refuse(sock, self.table.reply_pregreet, "PREGREET")
+            else:
+                self.registry.reasons.labels("HANGUP").inc()
+                sock.close()
+
+        def waited() -> None:
+            self.loop.remove_reader(fd)
+            self.table.pregreet_pass(connection.ip, time.monotonic())
+            self._dispatch(sock, connection_id, port)
+
+        self.loop.add_reader(fd, talked)
+        timer = self.loop.call_later(self.config.limits.pregreet_delay, waited)
+
+    def _dispatch(self, sock: socket.socket, connection_id: int, port: int) -> None:
+        connection = self.connections[connection_id]
+        worker = self._pick_worker()
+        header = json.dumps({
+            "id": connection_id, "ip": connection.ip, "port": port,
+            "stress": self.table.stressed, "allowlisted": not connection.counted,
+        }).encode()
+        try:
+            if worker is None:
+                raise OSError("no worker running")
+            worker.control.sendmsg(
+                [header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
+        except OSError as e:
+            log.error("cannot hand a connection to a worker: %s", e)
+            self._closed(connection_id)
+            self._refuse(sock, b"421 4.3.2 Service temporarily unavailable\r\n", "NO_WORKER")
+            return
+        connection.worker = worker
+        worker.active += 1
+        sock.close()
+
+    def _closed(self, connection_id: int) -> None:
+        connection = self.connections.pop(connection_id, None)
+        if connection is None:
+            return
+        if connection.worker is not None:
+            connection.worker.active -= 1
+        self.table.closed(connection.ip, connection.counted)
+        self.registry.active.set(self.table.total)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            self.table.prune(time.monotonic())
+            self.registry.stress.set(1 if self.table.stressed else 0)
+
+
+def _client_ip(address: str) -> str:
+    """The client's address, with IPv4-mapped IPv6 written as IPv4."""
+    if address.startswith("::ffff:") and "." in address:
+        return address[7:]
+    return address

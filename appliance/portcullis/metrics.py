@@ -1,0 +1,80 @@
+"""Counters for Prometheus.
+
+Workers count locally (`Tally`) and ship the deltas to the admission process
+every second; the admission process owns the registry and serves it on the
+management address. So one endpoint shows the whole gate, with no shared memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import Counter as PromCounter
+
+from .config import HostPort
+
+# Tally keys: "reason:<LABEL>" for refusals and decisions, plus these.
+RELAYED = "relayed"
+RELAYED_BYTES = "relayed_bytes"
+BACKEND_ERRORS = "backend_errors"
+SESSIONS = "sessions"
+
+
+class Tally:
+    """Counts in one process, drained as deltas."""
+
+    def __init__(self) -> None:
+        self.counts: Counter[str] = Counter()
+
+    def add(self, key: str, amount: int = 1) -> None:
+        self.counts[key] += amount
+
+    def reason(self, label: str) -> None:
+        self.counts["reason:" + label] += 1
+
+    def drain(self) -> dict[str, int]:
+        counts = dict(self.counts)
+        self.counts.clear()
+        return counts
+
+
+class Registry:
+    """The Prometheus view, fed with tallies from every process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.reasons = PromCounter(
+            "portcullis_decisions", "Refusals and policy decisions, by reason label",
+            ["reason"], registry=self.registry)
+        self.relayed = PromCounter(
+            "portcullis_messages_relayed", "Messages the backend accepted",
+            registry=self.registry)
+        self.relayed_bytes = PromCounter(
+            "portcullis_relayed_bytes", "Message bytes the backend accepted",
+            registry=self.registry)
+        self.backend_errors = PromCounter(
+            "portcullis_backend_errors", "Backend connections or replies that failed",
+            registry=self.registry)
+        self.sessions = PromCounter(
+            "portcullis_sessions", "SMTP sessions served by workers", registry=self.registry)
+        self.active = Gauge(
+            "portcullis_active_connections", "Connections open now", registry=self.registry)
+        self.stress = Gauge(
+            "portcullis_stress_mode", "1 while the gate is in stress mode", registry=self.registry)
+        self._plain = {
+            RELAYED: self.relayed,
+            RELAYED_BYTES: self.relayed_bytes,
+            BACKEND_ERRORS: self.backend_errors,
+            SESSIONS: self.sessions,
+        }
+
+    def merge(self, counts: dict[str, int]) -> None:
+        for key, amount in counts.items():
+            if key.startswith("reason:"):
+                self.reasons.labels(key[7:]).inc(amount)
+            elif key in self._plain:
+                self._plain[key].inc(amount)
+
+    def serve(self, listen: HostPort) -> None:
+        start_http_server(listen.port, listen.host, registry=self.registry)

@@ -1,0 +1,362 @@
+"""The reputation store: bans and recent events per key (an address or a prefix).
+
+`ReputationStore` is the interface the DHA engine uses. Two implementations:
+
+- `MemoryStore`: everything in process memory; lost on restart.
+- `SqliteStore`: the same memory for every read, so the hot path never touches disk,
+  plus write-behind into SQLite (WAL) from a thread, so the event loop only appends to
+  a queue. On open it loads what has not expired, so bans survive a restart. Several
+  worker processes may open one file: each reads the others' new rows every
+  `reputation.sync_interval` seconds.
+
+A fleet can share one state through a networked implementation of the same
+interface, e.g. Redis or Valkey: add_event -> ZADD key at, count_events -> ZCOUNT key
+since +inf, ban -> SET ban:key label PXAT until, with a local cache of bans for reads.
+
+Times are wall-clock seconds (time.time()), since they outlive the process.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import os
+import queue
+import secrets
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+
+log = logging.getLogger("portcullis.reputation")
+
+DATABASE_NAME = "reputation.db"
+PURGE_INTERVAL = 60.0  # seconds between deletions of expired rows
+FLUSH_TIMEOUT = 10.0
+MAX_BATCH = 1000  # writes per transaction
+
+
+class ReputationStoreError(Exception):
+    """The store cannot be opened; the message names the file and the cause."""
+
+
+@dataclass(frozen=True, slots=True)
+class Ban:
+    key: str
+    until: float  # wall-clock time the ban ends
+    label: str  # why, e.g. DHA_BAN
+
+
+class ReputationStore(ABC):
+    """Bans and timestamped events per key. Reads must be fast: they run per connection."""
+
+    @abstractmethod
+    def add_event(self, key: str, at: float) -> None:
+        """Remember that something (an invalid recipient) happened for key at `at`."""
+
+    @abstractmethod
+    def count_events(self, key: str, since: float) -> int:
+        """How many events key has had at or after `since`."""
+
+    @abstractmethod
+    def ban(self, key: str, until: float, label: str) -> None:
+        """Ban key until `until`; an existing longer ban is kept."""
+
+    @abstractmethod
+    def ban_of(self, key: str, now: float) -> Ban | None:
+        """The ban on key in force at `now`, or None."""
+
+    @abstractmethod
+    def active_bans(self, now: float) -> list[Ban]:
+        """Every ban in force at `now`."""
+
+    @abstractmethod
+    def purge(self, now: float) -> None:
+        """Forget expired bans and events older than the retention."""
+
+    def flush(self) -> None:
+        """Block until earlier writes are stored and others' writes are visible."""
+
+    def close(self) -> None:
+        """Flush and release resources."""
+
+
+class MemoryStore(ReputationStore):
+    """The in-memory store. Events older than `retention` seconds are dropped, and at
+    most `max_events_per_key` newest events are kept per key (the engine needs counts
+    only up to its highest threshold)."""
+
+    def __init__(self, retention: float, max_events_per_key: int = 256):
+        self.retention = retention
+        self.max_events_per_key = max_events_per_key
+        self._events: dict[str, list[float]] = {}  # key -> sorted timestamps
+        self._bans: dict[str, Ban] = {}
+
+    def add_event(self, key: str, at: float) -> None:
+        times = self._events.setdefault(key, [])
+        bisect.insort(times, at)
+        oldest_kept = bisect.bisect_left(times, at - self.retention)
+        excess = max(oldest_kept, len(times) - self.max_events_per_key)
+        if excess > 0:
+            del times[:excess]
+
+    def count_events(self, key: str, since: float) -> int:
+        times = self._events.get(key)
+        if not times:
+            return 0
+        return len(times) - bisect.bisect_left(times, since)
+
+    def ban(self, key: str, until: float, label: str) -> None:
+        current = self._bans.get(key)
+        if current is None or until > current.until:
+            self._bans[key] = Ban(key, until, label)
+
+    def ban_of(self, key: str, now: float) -> Ban | None:
+        ban = self._bans.get(key)
+        if ban is None:
+            return None
+        if ban.until <= now:
+            del self._bans[key]
+            return None
+        return ban
+
+    def active_bans(self, now: float) -> list[Ban]:
+        return [ban for ban in self._bans.values() if ban.until > now]
+
+    def purge(self, now: float) -> None:
+        horizon = now - self.retention
+        for key in [k for k, times in self._events.items() if times[-1] < horizon]:
+            del self._events[key]
+        for key in [k for k, ban in self._bans.items() if ban.until <= now]:
+            del self._bans[key]
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS bans (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,
+    until REAL NOT NULL,
+    label TEXT NOT NULL,
+    writer TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL,
+    at REAL NOT NULL,
+    writer TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_at ON events (at);
+"""
+
+_STOP = object()
+
+
+class SqliteStore(MemoryStore):
+    """MemoryStore with write-behind persistence to one SQLite file (see module doc)."""
+
+    def __init__(self, path: str, retention: float, max_events_per_key: int = 256,
+                 sync_interval: float = 1.0, clock: Callable[[], float] = time.time):
+        super().__init__(retention, max_events_per_key)
+        self.path = path
+        self.sync_interval = sync_interval
+        self.write_errors = 0  # batches lost to a disk or database error
+        self._clock = clock
+        self._writer_id = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._writes: queue.SimpleQueue = queue.SimpleQueue()
+        self._inbox: collections.deque = collections.deque()  # others' rows, from the thread
+        self._last_ban_id = 0
+        self._last_event_id = 0
+        self._closed = False
+        self._db = self._open()
+        self._load()
+        self._thread = threading.Thread(target=self._write_loop, name="reputation-writer",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- opening -------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o750, exist_ok=True)
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                 timeout=5.0)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise ReputationStoreError(
+                f"cannot open reputation store {self.path}: {e}"
+            ) from None
+        return db
+
+    def _load(self) -> None:
+        now = self._clock()
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                for key, until, label in self._db.execute(
+                        "SELECT key, until, label FROM bans WHERE until > ?", (now,)):
+                    super().ban(key, until, label)
+                for key, at in self._db.execute(
+                        "SELECT key, at FROM events WHERE at > ? ORDER BY at",
+                        (now - self.retention,)):
+                    super().add_event(key, at)
+                self._last_ban_id, self._last_event_id = self._max_ids()
+        except sqlite3.Error as e:
+            self._db.close()
+            raise ReputationStoreError(f"cannot read reputation store {self.path}: {e}") from None
+
+    def _max_ids(self) -> tuple[int, int]:
+        (ban_id,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM bans").fetchone()
+        (event_id,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
+        return ban_id, event_id
+
+    # -- the interface: memory first, disk later -------------------------------------
+
+    def add_event(self, key: str, at: float) -> None:
+        self._apply_inbox()
+        super().add_event(key, at)
+        self._writes.put(("event", key, at))
+
+    def count_events(self, key: str, since: float) -> int:
+        self._apply_inbox()
+        return super().count_events(key, since)
+
+    def ban(self, key: str, until: float, label: str) -> None:
+        self._apply_inbox()
+        super().ban(key, until, label)
+        self._writes.put(("ban", key, until, label))
+
+    def ban_of(self, key: str, now: float) -> Ban | None:
+        self._apply_inbox()
+        return super().ban_of(key, now)
+
+    def active_bans(self, now: float) -> list[Ban]:
+        self._apply_inbox()
+        return super().active_bans(now)
+
+    def flush(self) -> None:
+        """Wait (up to FLUSH_TIMEOUT) until queued writes are committed and other
+        processes' rows are read. Blocking: for shutdown and tests, not the hot path."""
+        if self._closed:
+            return
+        done = threading.Event()
+        self._writes.put(("barrier", done))
+        if not done.wait(FLUSH_TIMEOUT):
+            log.warning("reputation store %s: flush timed out after %ss", self.path,
+                        FLUSH_TIMEOUT)
+        self._apply_inbox()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        self._writes.put(_STOP)
+        self._thread.join(FLUSH_TIMEOUT)
+        if not self._thread.is_alive():
+            self._db.close()
+
+    def _apply_inbox(self) -> None:
+        """Merge rows other processes wrote, as collected by the writer thread."""
+        inbox = self._inbox
+        while inbox:
+            kind, *row = inbox.popleft()
+            if kind == "ban":
+                super().ban(*row)
+            else:
+                super().add_event(*row)
+
+    # -- the writer thread -----------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        next_sync = next_purge = 0.0
+        while True:
+            try:
+                batch = [self._writes.get(timeout=self.sync_interval)]
+            except queue.Empty:
+                batch = []
+            while batch and len(batch) < MAX_BATCH and batch[-1] is not _STOP:
+                try:
+                    batch.append(self._writes.get_nowait())
+                except queue.Empty:
+                    break
+            barriers = [op[1] for op in batch if op is not _STOP and op[0] == "barrier"]
+            self._guarded(self._write, batch)
+            now = time.monotonic()
+            if barriers or now >= next_sync:
+                self._guarded(self._read_others)
+                next_sync = now + self.sync_interval
+            if now >= next_purge:
+                self._guarded(self._purge_rows)
+                next_purge = now + PURGE_INTERVAL
+            for done in barriers:
+                done.set()
+            if batch and batch[-1] is _STOP:
+                return
+
+    def _guarded(self, step, *args) -> None:
+        """Run one database step; a failure is logged and counted, never raised, so a
+        full disk costs persistence but not mail flow."""
+        try:
+            step(*args)
+        except sqlite3.Error as e:
+            self.write_errors += 1
+            log.error("reputation store %s: %s failed: %s", self.path, step.__name__, e)
+            if self._db.in_transaction:
+                self._db.rollback()
+
+    def _write(self, batch: list) -> None:
+        events = [(op[1], op[2], self._writer_id) for op in batch
+                  if op is not _STOP and op[0] == "event"]
+        bans = [(op[1], op[2], op[3], self._writer_id) for op in batch
+                if op is not _STOP and op[0] == "ban"]
+        if not events and not bans:
+            return
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("INSERT INTO events (key, at, writer) VALUES (?, ?, ?)",
+                                 events)
+            # Keep the longer ban; a replaced row gets a new id, so other readers see it.
+            for key, until, label, writer in bans:
+                row = self._db.execute("SELECT until FROM bans WHERE key = ?", (key,)).fetchone()
+                if row is None or until > row[0]:
+                    self._db.execute("INSERT OR REPLACE INTO bans (key, until, label, writer)"
+                                     " VALUES (?, ?, ?, ?)", (key, until, label, writer))
+
+    def _read_others(self) -> None:
+        with self._db:
+            self._db.execute("BEGIN")
+            for key, until, label in self._db.execute(
+                    "SELECT key, until, label FROM bans WHERE id > ? AND writer != ?",
+                    (self._last_ban_id, self._writer_id)):
+                self._inbox.append(("ban", key, until, label))
+            for key, at in self._db.execute(
+                    "SELECT key, at FROM events WHERE id > ? AND writer != ? AND at > ?",
+                    (self._last_event_id, self._writer_id, self._clock() - self.retention)):
+                self._inbox.append(("event", key, at))
+            self._last_ban_id, self._last_event_id = self._max_ids()
+
+    def _purge_rows(self) -> None:
+        now = self._clock()
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM bans WHERE until <= ?", (now,))
+            self._db.execute("DELETE FROM events WHERE at <= ?", (now - self.retention,))
+
+
+def open_store(config, clock: Callable[[], float] = time.time) -> ReputationStore:
+    """The store config.reputation asks for, sized for config.dha's window and thresholds.
+
+    Raises ReputationStoreError when the SQLite file cannot be opened.
+    """
+    dha = config.dha
+    retention = dha.window
+    max_events = max(dha.ban_after, dha.prefix_ban_after) + 1
+    if config.reputation.store == "memory":
+        return MemoryStore(retention, max_events)
+    return SqliteStore(os.path.join(config.state_dir, DATABASE_NAME), retention, max_events,
+                       config.reputation.sync_interval, clock)

@@ -1,0 +1,142 @@
+"""A worker process: receives admitted sockets from the gate and runs their sessions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import socket
+
+from . import config as configuration
+from . import tls
+from .config import Config, ConfigError
+from .metrics import Tally
+from .policy.recipients import StaticRecipients
+from .session import Client, Services, Session
+from .upstream import BackendPool
+
+log = logging.getLogger("portcullis.worker")
+
+REPORT_INTERVAL = 1.0
+SHUTDOWN_GRACE = 10.0
+
+
+def recipient_directory(config: Config):
+    if config.recipients.source == "ldap":
+        from .policy.ldap_directory import LdapDirectory
+        return LdapDirectory(config.recipients.ldap)
+    return StaticRecipients(config.recipients.file)
+
+
+class WorkerProcess:
+    def __init__(self, config: Config, config_path: str, control: socket.socket):
+        self.config_path = config_path
+        self.control = control
+        self.loop = asyncio.get_event_loop()
+        self.tally = Tally()
+        self.done: list[int] = []
+        self.sessions: set[asyncio.Task] = set()
+        self.services = self._services(config)
+
+    def _services(self, config: Config) -> Services:
+        return Services(
+            config=config,
+            recipients=recipient_directory(config),
+            backend=BackendPool(config.backend),
+            tls=tls.server_context(config.tls, config.hostname),
+            tally=self.tally,
+        )
+
+    async def run(self) -> None:
+        self.control.setblocking(False)
+        self.loop.add_reader(self.control.fileno(), self._receive)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        stop = asyncio.Event()
+        self.loop.add_signal_handler(signal.SIGTERM, stop.set)
+        self.loop.add_signal_handler(signal.SIGINT, stop.set)
+        self._gate_gone = stop
+        reporter = asyncio.ensure_future(self._report_periodically())
+        await stop.wait()
+        self.loop.remove_reader(self.control.fileno())
+        if self.sessions:
+            await asyncio.wait(self.sessions, timeout=SHUTDOWN_GRACE)
+        reporter.cancel()
+        self._report()
+
+    def reload(self) -> None:
+        try:
+            config = configuration.load(self.config_path)
+            services = self._services(config)
+        except ConfigError as e:
+            log.error("reload refused, keeping the running configuration: %s", e)
+            return
+        old = self.services
+        self.services = services  # new sessions use it; running ones finish with theirs
+        old.recipients.close()
+        log.info("configuration reloaded")
+
+    def _receive(self) -> None:
+        while True:
+            try:
+                header, fds, _flags, _addr = socket.recv_fds(self.control, 4096, 4)
+            except BlockingIOError:
+                return
+            except OSError:
+                header, fds = b"", []
+            if not header:
+                log.error("the gate went away; stopping")
+                self._gate_gone.set()
+                return
+            if not fds:
+                continue
+            info = json.loads(header)
+            sock = socket.socket(fileno=fds[0])
+            for extra in fds[1:]:
+                socket.socket(fileno=extra).close()
+            task = asyncio.ensure_future(self._serve(sock, info))
+            self.sessions.add(task)
+            task.add_done_callback(self.sessions.discard)
+
+    async def _serve(self, sock: socket.socket, info: dict) -> None:
+        try:
+            reader, writer = await _server_streams(sock)
+            client = Client(info["ip"], info["port"], info["stress"], info["allowlisted"])
+            await Session(self.services, reader, writer, client).run()
+        except Exception:  # one broken session must never take the worker down
+            log.exception("session for %s failed", info.get("ip"))
+            sock.close()
+        finally:
+            # The gate's per-client counts wait for this; batch what ends together.
+            if not self.done:
+                self.loop.call_soon(self._report)
+            self.done.append(info["id"])
+
+    async def _report_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            self._report()
+
+    def _report(self) -> None:
+        report: dict = {}
+        if self.done:
+            report["done"], self.done = self.done, []
+        counts = self.tally.drain()
+        if counts:
+            report["tally"] = counts
+        if report:
+            try:
+                self.control.send(json.dumps(report).encode())
+            except OSError as e:
+                log.error("cannot report to the gate: %s", e)
+
+
+async def _server_streams(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Streams for an accepted socket, on the server side (so STARTTLS acts as a server)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 16)
+    connected: asyncio.Future = loop.create_future()
+    protocol = asyncio.StreamReaderProtocol(
+        reader, lambda _reader, writer: connected.set_result(writer))
+    await loop.connect_accepted_socket(lambda: protocol, sock)
+    return reader, await connected
