@@ -102,6 +102,9 @@ class LdapRecipientDirectory:
 
     def __init__(self, settings: LdapDirectory):
         _check_settings(settings)
+        self._password = _read_password(settings)
+        self._tls = _make_tls(settings)
+        _make_server(settings, self._tls)  # fail now on a URL ldap3 cannot use
         self.settings = settings
         self.cache_hits = 0
         self.cache_misses = 0
@@ -112,10 +115,8 @@ class LdapRecipientDirectory:
         self._lock = threading.Lock()  # guards the idle connections and the generation
         self._idle: list[ldap3.Connection] = []
         self._generation = 0
+        self._closed = False
         self._reachable = True  # only to log changes of state, not every failed lookup
-        self._password = _read_password(settings)
-        self._tls = _make_tls(settings)
-        _make_server(settings, self._tls)  # fail now on a URL ldap3 cannot use
 
     @property
     def cache_hit_rate(self) -> float:
@@ -133,13 +134,15 @@ class LdapRecipientDirectory:
             self.cache_hits += 1
             return cached
         self.cache_misses += 1
+        if self._closed:
+            self.tempfails += 1
+            return Lookup.TEMPFAIL
         loop = asyncio.get_running_loop()
         try:
             answer = await asyncio.wait_for(
                 loop.run_in_executor(self._executor, self._search, key), self.settings.timeout
             )
-        except (DirectoryUnavailable, TimeoutError, RuntimeError) as e:
-            # RuntimeError: the pool was shut down by close() while we waited.
+        except (DirectoryUnavailable, TimeoutError) as e:
             self.tempfails += 1
             self._note_state(False, str(e) or f"no answer within {self.settings.timeout}s")
             return Lookup.TEMPFAIL
@@ -156,11 +159,14 @@ class LdapRecipientDirectory:
         else:
             self._password = password
         self._cache.clear()
-        self._drop_idle_connections(new_generation=True)
+        self._drop_idle_connections()
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
-        self._drop_idle_connections(new_generation=True)
+        # Searches already queued still finish (each within its timeout) so that no
+        # lookup in flight sees a cancellation; new lookups answer TEMPFAIL.
+        self._closed = True
+        self._executor.shutdown(wait=False)
+        self._drop_idle_connections()
 
     # --- on the pool threads ------------------------------------------------------
 
@@ -218,11 +224,11 @@ class LdapRecipientDirectory:
         except LDAPException as e:
             raise DirectoryUnavailable(f"cannot connect to {settings.url}: {e}") from None
 
-    def _drop_idle_connections(self, new_generation: bool) -> None:
+    def _drop_idle_connections(self) -> None:
+        """Unbind the idle connections; those in use are unbound when given back."""
         with self._lock:
             idle, self._idle = self._idle, []
-            if new_generation:
-                self._generation += 1
+            self._generation += 1
         for connection in idle:
             _unbind_quietly(connection)
 

@@ -325,11 +325,15 @@ class SmtpServer:
             self._discarding_line = False
             return self._take_command_line()
         if newline < 0:
-            if len(buf) >= limit:
-                self._discarding_line = True
+            if len(buf) < limit:
+                return None
+            rest = buf.find(b"\n", limit)
+            if rest < 0:
+                self._discarding_line = True  # its end has not arrived yet
                 buf.clear()
-                return self._strike("LINE_TOO_LONG", replies.LINE_TOO_LONG)
-            return None
+            else:
+                del buf[: rest + 1]
+            return self._strike("LINE_TOO_LONG", replies.LINE_TOO_LONG)
         raw = bytes(buf[:newline])
         del buf[: newline + 1]
         if raw.endswith(b"\r"):

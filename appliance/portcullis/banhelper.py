@@ -1,0 +1,322 @@
+"""The ban helper: the only Portcullis process with CAP_NET_ADMIN (the spamd model).
+
+It listens on the Unix socket `ban_socket` and accepts one kind of request, one per
+line of at most MAX_LINE bytes:
+
+    ban ADDRESS SECONDS
+
+and answers each with one status line:
+
+    OK banned 192.0.2.1 for 3600s
+    ERR <reason>: <detail>     reason: syntax, too-long, address, never-ban, seconds,
+                               rate-limited, nft, busy
+
+A request is refused unless ADDRESS is a plain IPv4 or IPv6 address that is not
+loopback, unspecified or multicast and not in `allowlist` or `ban_helper.never_ban`,
+and SECONDS is an integer within ban_helper.min_seconds..max_seconds. Accepted
+requests pass a token bucket (ban_helper.rate per second, burst ban_helper.burst).
+The address goes into the set `ban_helper.set_ipv4` or `set_ipv6` of table
+`inet ban_helper.table` through `nft -f -`, as a statement built from the parsed
+address and integer: no shell, no unvalidated text.
+
+Run as `portcullis ban-helper [--config PATH]` or `python -m portcullis.banhelper`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import grp
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from . import config as config_module
+from .config import ConfigError
+
+log = logging.getLogger("portcullis.banhelper")
+
+MAX_LINE = 128  # bytes per request, newline included
+MAX_CLIENTS = 16  # connections served at once; more get "ERR busy"
+READ_TIMEOUT = 5.0  # seconds a connection may stay silent
+NFT_TIMEOUT = 10.0  # seconds one nft run may take
+SOCKET_MODE = 0o660
+NFT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
+ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f.:]{2,45}")
+SECONDS_CHARS = re.compile(r"[0-9]{1,12}")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Refusal(Exception):
+    """A request the helper will not carry out; str() is the status line."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"ERR {reason}: {detail}")
+
+
+class TokenBucket:
+    """`rate` tokens per second, holding at most `burst`; each accepted request takes one."""
+
+    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self.burst = burst
+        self.clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+
+    def take(self) -> bool:
+        now = self.clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+class RequestPolicy:
+    """Parses and validates one request line against the configuration."""
+
+    def __init__(self, config: config_module.Config):
+        settings = config.ban_helper
+        self.never_ban = tuple(config.allowlist) + tuple(settings.never_ban)
+        self.min_seconds = settings.min_seconds
+        self.max_seconds = settings.max_seconds
+
+    def parse(self, line: bytes) -> tuple[IPAddress, int]:
+        """Return (address, seconds) or raise Refusal."""
+        try:
+            text = line.decode("ascii").rstrip("\r\n")
+        except UnicodeDecodeError:
+            raise Refusal("syntax", "requests are ASCII: ban ADDRESS SECONDS") from None
+        words = text.split(" ")
+        if len(words) != 3 or words[0] != "ban":
+            raise Refusal("syntax", "expected 'ban ADDRESS SECONDS'")
+        return self._address(words[1]), self._seconds(words[2])
+
+    def _address(self, text: str) -> IPAddress:
+        try:
+            if not ADDRESS_CHARS.fullmatch(text):
+                raise ValueError
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise Refusal("address", f"'{_printable(text)}' is not an IP address") from None
+        if address.version == 6 and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        for kind in ("loopback", "unspecified", "multicast"):
+            if getattr(address, f"is_{kind}"):
+                raise Refusal("address", f"{address} is {kind}, never banned")
+        for network in self.never_ban:
+            if address in network:
+                raise Refusal("never-ban", f"{address} is in the never-ban network {network}")
+        return address
+
+    def _seconds(self, text: str) -> int:
+        if not SECONDS_CHARS.fullmatch(text):
+            raise Refusal("seconds", f"'{_printable(text)}' is not a whole number of seconds")
+        seconds = int(text)
+        if not self.min_seconds <= seconds <= self.max_seconds:
+            raise Refusal("seconds",
+                          f"{seconds} is outside {self.min_seconds}..{self.max_seconds}")
+        return seconds
+
+
+def _printable(text: str, limit: int = 48) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text[:limit])
+
+
+def check_names(settings: config_module.BanHelper) -> None:
+    """Raise ConfigError unless table and set names are plain nft identifiers."""
+    for key in ("table", "set_ipv4", "set_ipv6"):
+        value = getattr(settings, key)
+        if not NFT_NAME.fullmatch(value):
+            raise ConfigError(f"key 'ban_helper.{key}': '{value}' is not an nftables name "
+                              "(a letter, then letters, digits or _)")
+
+
+def add_element_script(table: str, set_name: str, address: IPAddress, seconds: int) -> str:
+    """nft statements that leave exactly one element with this timeout: an element that
+    already exists keeps its old timeout on `add` in older kernels, so add (a no-op if
+    present), delete, add again, in one atomic transaction."""
+    element = f"inet {table} {set_name} {{ {address} timeout {seconds}s }}"
+    return (f"add element {element}\n"
+            f"delete element inet {table} {set_name} {{ {address} }}\n"
+            f"add element {element}\n")
+
+
+class BanHelper:
+    def __init__(self, config: config_module.Config, nft: str,
+                 clock: Callable[[], float] = time.monotonic):
+        settings = config.ban_helper
+        check_names(settings)
+        self.settings = settings
+        self.nft = nft
+        self.policy = RequestPolicy(config)
+        self.bucket = TokenBucket(settings.rate, settings.burst, clock)
+        self._clients = asyncio.Semaphore(MAX_CLIENTS)
+        self._nft_lock = asyncio.Lock()
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Answer each line of one connection until EOF, silence, or an overlong line."""
+        if self._clients.locked():
+            await _answer(writer, "ERR busy: too many connections")
+            return
+        async with self._clients:
+            try:
+                while True:
+                    try:
+                        async with asyncio.timeout(READ_TIMEOUT):
+                            line = await reader.readline()
+                    except ValueError:  # longer than the stream's limit
+                        await _answer(writer, f"ERR too-long: requests are at most "
+                                              f"{MAX_LINE} bytes")
+                        return
+                    if not line.endswith(b"\n"):  # EOF, possibly after a partial line
+                        return
+                    await _answer(writer, await self.request(line), close=False)
+            except (TimeoutError, ConnectionError):
+                return
+            finally:
+                writer.close()
+
+    async def request(self, line: bytes) -> str:
+        """Carry out one request line; return its status line."""
+        try:
+            address, seconds = self.policy.parse(line)
+        except Refusal as refusal:
+            log.warning("refused %r: %s", line[:MAX_LINE], refusal)
+            return str(refusal)
+        if not self.bucket.take():
+            log.warning("refused ban of %s: rate limited", address)
+            return (f"ERR rate-limited: more than {self.settings.rate:g} bans per second "
+                    f"(burst {self.settings.burst})")
+        return await self._add(address, seconds)
+
+    async def _add(self, address: IPAddress, seconds: int) -> str:
+        set_name = self.settings.set_ipv4 if address.version == 4 else self.settings.set_ipv6
+        script = add_element_script(self.settings.table, set_name, address, seconds)
+        async with self._nft_lock:
+            problem = await _run_nft(self.nft, script)
+        if problem:
+            log.error("nft could not ban %s: %s", address, problem)
+            return f"ERR nft: {problem}"
+        log.info("banned %s for %ss", address, seconds)
+        return f"OK banned {address} for {seconds}s"
+
+
+async def _answer(writer: asyncio.StreamWriter, status: str, close: bool = True) -> None:
+    with contextlib.suppress(ConnectionError):
+        writer.write(status.encode("ascii", "replace") + b"\n")
+        await writer.drain()
+    if close:
+        writer.close()
+
+
+async def _run_nft(nft: str, script: str) -> str:
+    """Run `nft -f -` with script on stdin; return '' or the first line of its error."""
+    process = await asyncio.create_subprocess_exec(
+        nft, "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    try:
+        async with asyncio.timeout(NFT_TIMEOUT):
+            _, stderr = await process.communicate(script.encode("ascii"))
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return f"nft took longer than {NFT_TIMEOUT}s"
+    if process.returncode != 0:
+        lines = stderr.decode("utf-8", "replace").strip().splitlines()
+        return lines[0] if lines else f"nft exited {process.returncode}"
+    return ""
+
+
+def _check_sets(nft: str, settings: config_module.BanHelper) -> None:
+    """Warn at start when the ruleset lacks the sets (it may be loaded later)."""
+    for set_name in (settings.set_ipv4, settings.set_ipv6):
+        result = subprocess.run([nft, "list", "set", "inet", settings.table, set_name],
+                                check=False, capture_output=True, text=True, timeout=NFT_TIMEOUT)
+        if result.returncode != 0:
+            log.warning("set inet %s %s is missing (load the Portcullis nftables ruleset); "
+                        "bans will fail until it exists", settings.table, set_name)
+
+
+def _remove_stale_socket(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise ConfigError(f"key 'ban_socket': {path} exists and is not a socket")
+        os.unlink(path)
+
+
+async def serve(helper: BanHelper, path: str, group_id: int | None) -> None:
+    """Listen on path until SIGTERM or SIGINT."""
+    _remove_stale_socket(path)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    server = await asyncio.start_unix_server(helper.handle, path, limit=MAX_LINE)
+    try:
+        os.chmod(path, SOCKET_MODE)
+        if group_id is not None:
+            os.chown(path, -1, group_id)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        log.info("listening on %s", path)
+        await stop.wait()
+    finally:
+        server.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="portcullis ban-helper",
+        description="Add banned addresses to the nftables ban sets on request.")
+    parser.add_argument("--config", default=config_module.DEFAULT_PATH,
+                        help=f"configuration file (default {config_module.DEFAULT_PATH})")
+    args = parser.parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                            format="portcullis ban-helper: %(levelname)s %(message)s")
+    try:
+        config = config_module.load(args.config)
+        if not config.ban_socket:
+            raise ConfigError(f"{args.config}: key 'ban_socket': set the path of the "
+                              "ban helper's Unix socket")
+        nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
+        if nft is None:
+            raise ConfigError("nft not found: install the nftables package")
+        group_id = _group_id(config.ban_helper.socket_group)
+        helper = BanHelper(config, nft)
+        _check_sets(nft, config.ban_helper)
+        asyncio.run(serve(helper, config.ban_socket, group_id))
+    except ConfigError as e:
+        print(f"portcullis ban-helper: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"portcullis ban-helper: {e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _group_id(name: str) -> int | None:
+    if not name:
+        return None
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"key 'ban_helper.socket_group': no group named '{name}'") from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
