@@ -215,6 +215,128 @@ class BanHelper:
     socket_group: str = "portcullis"  # may connect to ban_socket; "" keeps the helper's group
 
 
+# DNS and HELO checks on the client (portcullis.policy.dns_checks, .helo). Each check's
+# action is one of CHECK_ACTIONS: reject (554 / 550), tempfail (450), score (add the
+# check's signal to the connection score, config.score.weights) or off. A DNS timeout
+# or server failure never rejects: it is logged as DNS_TIMEOUT / DNS_ERROR and counts
+# as no finding.
+
+CHECK_ACTIONS = ("reject", "tempfail", "score", "off")
+
+
+@dataclass(frozen=True)
+class DnsListSite:
+    """One DNS list in postscreen's syntax, `zone[=reply pattern][*weight]`, e.g.
+    `zen.spamhaus.org=127.0.0.[2..11]*3` or `list.dnswl.org=127.0.[0..255].[1..3]*-2`.
+
+    Each octet of the pattern is a number or a bracketed list of numbers and ranges,
+    `[2;4..7]`; without a pattern any reply counts. A negative weight makes it an
+    allowlist (DNSWL) that lowers the client's rank.
+    """
+
+    zone: str
+    octets: tuple[tuple[tuple[int, int], ...], ...] | None  # per octet: (low, high) ranges
+    weight: int = 1
+
+    @classmethod
+    def from_text(cls, text: str) -> DnsListSite:
+        text = str(text).strip()
+        rest, star, weight_text = text.partition("*")
+        zone, equals, pattern = rest.partition("=")
+        zone = zone.strip().lower().rstrip(".")
+        labels = zone.split(".")
+        if len(labels) < 2 or not all(0 < len(label) < 64 for label in labels):
+            raise ValueError(f"'{text}': '{zone}' is not a DNS zone like zen.spamhaus.org")
+        weight = 1
+        if star:
+            try:
+                weight = int(weight_text)
+            except ValueError:
+                raise ValueError(f"'{text}': the weight after * must be an integer") from None
+            if weight == 0:
+                raise ValueError(f"'{text}': a weight of 0 would make the list useless")
+        octets = _reply_pattern(pattern.strip(), text) if equals else None
+        return cls(zone, octets, weight)
+
+    def matches(self, reply: ipaddress.IPv4Address) -> bool:
+        if self.octets is None:
+            return True
+        return all(any(low <= octet <= high for low, high in ranges)
+                   for octet, ranges in zip(reply.packed, self.octets, strict=True))
+
+
+def _reply_pattern(pattern: str, text: str) -> tuple[tuple[tuple[int, int], ...], ...]:
+    problem = f"'{text}': the reply pattern must look like 127.0.0.[2..11] or 127.0.0.[2;4]"
+    parts = pattern.split(".")
+    if len(parts) != 4:
+        raise ValueError(problem)
+    octets = []
+    for part in parts:
+        items = part[1:-1].split(";") if part.startswith("[") and part.endswith("]") else [part]
+        ranges = []
+        for item in items:
+            low, dots, high = item.partition("..")
+            if not low.isdigit() or (dots and not high.isdigit()):
+                raise ValueError(problem)
+            low_value, high_value = int(low), int(high if dots else low)
+            if not low_value <= high_value <= 255:
+                raise ValueError(f"'{text}': range {item} is not within 0..255, low..high")
+            ranges.append((low_value, high_value))
+        octets.append(tuple(ranges))
+    return tuple(octets)
+
+
+@dataclass
+class FcrdnsCheck:
+    """Forward-confirmed reverse DNS: a PTR name of the client address must resolve back
+    to it. Default `score` (signal no_reverse_dns): many small legitimate senders lack it."""
+
+    action: str = _c("score", choices=CHECK_ACTIONS)
+    timeout: float = _c(5.0, minimum=0.1)  # seconds for the PTR and forward lookups together
+
+
+@dataclass
+class HeloChecks:
+    """What the HELO/EHLO name must be (RFC 5321 4.1.1.1, 4.1.3); signal bad_helo.
+
+    Rejected by default: what RFC 5321 forbids outright (bad syntax, a bare IP address)
+    and a client claiming to be this gateway, which only forgers do. Scored: a name
+    without a dot (some legitimate servers send their short host name) and an address
+    literal that is not the client's address (normal behind NAT).
+    """
+
+    syntax: str = _c("reject", choices=CHECK_ACTIONS)
+    not_fqdn: str = _c("score", choices=CHECK_ACTIONS)
+    ours: str = _c("reject", choices=CHECK_ACTIONS)
+    bare_ip: str = _c("reject", choices=CHECK_ACTIONS)
+    literal_mismatch: str = _c("score", choices=CHECK_ACTIONS)
+
+
+@dataclass
+class DnsListCheck:
+    """DNSBL and DNSWL sites queried in parallel. The client's rank is the sum of the
+    weights of the sites that list it; at `threshold` or above, `action` applies (signal
+    dnsbl). No sites by default: each list has its own terms of use, and most refuse
+    queries that come through public resolvers. Threshold 1 as in postscreen."""
+
+    sites: list[DnsListSite] = _c(factory=list)
+    threshold: int = _c(1, minimum=1)
+    action: str = _c("score", choices=CHECK_ACTIONS)
+    timeout: float = _c(5.0, minimum=0.1)
+
+
+@dataclass
+class DnsChecks:
+    """The resolver the DNS checks use, and the checks. Empty nameservers: those of
+    /etc/resolv.conf (on the appliance, best a local caching resolver)."""
+
+    nameservers: list[HostPort] = _c(factory=list)  # IP:port; port 53 is the usual
+    cache_size: int = _c(10_000, minimum=0)  # answers kept by the resolver; 0: none
+    fcrdns: FcrdnsCheck = field(default_factory=FcrdnsCheck)
+    helo: HeloChecks = field(default_factory=HeloChecks)
+    dnsbl: DnsListCheck = field(default_factory=DnsListCheck)
+
+
 @dataclass
 class Config:
     hostname: str = "localhost"
@@ -235,6 +357,7 @@ class Config:
     dha: Dha = field(default_factory=Dha)
     score: Score = field(default_factory=Score)
     ban_helper: BanHelper = field(default_factory=BanHelper)
+    dns: DnsChecks = field(default_factory=DnsChecks)
 
     def is_relay_domain(self, domain: str) -> bool:
         return domain.lower().rstrip(".") in self.relay_domains
@@ -289,7 +412,7 @@ _SCALAR_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "t
 def _convert(hint, meta, node: yaml.Node, path: str, dotted: str):
     origin = get_origin(hint)
     args = get_args(hint)
-    if is_dataclass(hint) and hint is not HostPort:
+    if is_dataclass(hint) and hint not in (HostPort, DnsListSite):
         return _build(hint, node, path, dotted + ".")
     if origin is list:
         if isinstance(node, yaml.ScalarNode) and node.value == "":
@@ -322,6 +445,8 @@ def _convert(hint, meta, node: yaml.Node, path: str, dotted: str):
 def _scalar(hint, value):
     if hint is HostPort:
         return parse_host_port(value)
+    if hint is DnsListSite:
+        return DnsListSite.from_text(value)
     if hint == Network:
         try:
             return ipaddress.ip_network(str(value), strict=False)

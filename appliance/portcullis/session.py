@@ -104,7 +104,6 @@ class Session:
         self.transactions: list[dict] = []
         self.labels: list[str] = []
         self.bytes_in = 0
-        self.last_reply = ""
         self.data_started = 0.0
         self.data_bytes = 0
 
@@ -166,7 +165,6 @@ class Session:
 
     def _send(self, reply: Reply) -> None:
         self.core.send(reply)
-        self.last_reply = str(reply)
 
     async def _flush(self) -> None:
         out = self.core.data_to_send()
@@ -181,7 +179,6 @@ class Session:
 
     def _respond(self, reply: Reply) -> None:
         self.core.respond(reply)
-        self.last_reply = str(reply)
 
     # --- events ---------------------------------------------------------------
 
@@ -319,7 +316,6 @@ class Session:
 
     async def _on_violation(self, event: smtp.Violation) -> None:
         self._reason(event.label)
-        self.last_reply = str(event.reply)
         if self.core.state is smtp.State.DATA or event.reply.code in (421, 521):
             await self._end_transaction(aborted=True)
 
@@ -385,5 +381,5 @@ class Session:
             "labels": self.labels,
             "bytes": self.bytes_in,
             "duration": round(time.monotonic() - self.started, 3),
-            "reply": self.last_reply,
+            "reply": str(self.core.last_reply or ""),
         }, separators=(",", ":")))

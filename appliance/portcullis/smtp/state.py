@@ -198,6 +198,7 @@ class SmtpServer:
         self._data_size = 0
         self._data_line_start = True  # the next DATA byte starts a line
         self._closing = False
+        self.last_reply: Reply | None = None
 
     # --- input and output -----------------------------------------------------
 
@@ -215,7 +216,11 @@ class SmtpServer:
 
     def send(self, reply: Reply) -> None:
         """Queue a reply that is not an answer to an event (the banner, a timeout)."""
+        self._queue(reply)
+
+    def _queue(self, reply: Reply) -> None:
         self._out += reply.encode()
+        self.last_reply = reply
 
     @property
     def pending(self) -> object | None:
@@ -248,7 +253,7 @@ class SmtpServer:
         if event is None:
             raise RuntimeError("respond() called with no event pending")
         self._pending = None
-        self._out += reply.encode()
+        self._queue(reply)
         self._transition(event, reply)
         if isinstance(event, Rcpt):
             if reply.is_positive:
@@ -373,14 +378,14 @@ class SmtpServer:
     def _cmd_mail(self, argument: str):
         mail = commands.parse_mail(argument)
         if mail.size is not None and mail.size > self.limits.max_message_size:
-            self._out += replies.SIZE_EXCEEDED.encode()
+            self._queue(replies.SIZE_EXCEEDED)
             return Violation("SIZE", replies.SIZE_EXCEEDED)
         return Mail(mail)
 
     def _cmd_rcpt(self, argument: str):
         rcpt = commands.parse_rcpt(argument, self.postmaster_domain)
         if self.recipients >= self.limits.max_recipients:
-            self._out += replies.TOO_MANY_RECIPIENTS.encode()
+            self._queue(replies.TOO_MANY_RECIPIENTS)
             return Violation("TOO_MANY_RECIPIENTS", replies.TOO_MANY_RECIPIENTS)
         return Rcpt(rcpt)
 
@@ -393,31 +398,31 @@ class SmtpServer:
         if argument:
             raise SyntaxProblem(replies.SYNTAX)
         if not self.tls_available:
-            self._out += replies.TLS_UNAVAILABLE.encode()
+            self._queue(replies.TLS_UNAVAILABLE)
             return None
         return StartTls()
 
     def _cmd_rset(self, argument: str):
-        self._out += replies.RESET_OK.encode()
+        self._queue(replies.RESET_OK)
         if self.state in (State.MAIL, State.RCPT):
             self._transition(Reset(), replies.RESET_OK)
             return Reset()
         return None
 
     def _cmd_noop(self, argument: str):
-        self._out += replies.OK.encode()
+        self._queue(replies.OK)
 
     def _cmd_help(self, argument: str):
-        self._out += replies.HELP.encode()
+        self._queue(replies.HELP)
 
     def _cmd_vrfy(self, argument: str):
-        self._out += replies.CANNOT_VRFY.encode()  # reveals nothing
+        self._queue(replies.CANNOT_VRFY)  # reveals nothing
 
     def _cmd_expn(self, argument: str):
-        self._out += replies.NOT_IMPLEMENTED.encode()
+        self._queue(replies.NOT_IMPLEMENTED)
 
     def _cmd_quit(self, argument: str):
-        self._out += replies.BYE.encode()
+        self._queue(replies.BYE)
         return self._closed("quit")
 
     def _closed(self, reason: str) -> Closed:
@@ -429,11 +434,11 @@ class SmtpServer:
         self.strikes += 1
         if self.strikes >= self.limits.max_strikes:
             return self._close(label, replies.TOO_MANY_ERRORS)
-        self._out += reply.encode()
+        self._queue(reply)
         return Violation(label, reply)
 
     def _close(self, label: str, reply: Reply) -> Violation:
-        self._out += reply.encode()
+        self._queue(reply)
         self._closing = True
         return Violation(label, reply)
 
@@ -485,7 +490,7 @@ class SmtpServer:
         if problem is None:
             return DataEnd()
         reply = replies.SIZE_EXCEEDED if problem == "SIZE" else replies.DATA_LINE_TOO_LONG
-        self._out += reply.encode()
+        self._queue(reply)
         refused = MessageRefused(problem, reply)
         self._transition(refused, reply)
         return refused
