@@ -296,8 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
         if nft is None:
             raise ConfigError("nft not found: install the nftables package")
-        group_id = _group_id(config.ban_helper.socket_group)
         helper = BanHelper(config, nft)
+        group_id = _group_id(config.ban_helper.socket_group)
         _check_sets(nft, config.ban_helper)
         asyncio.run(serve(helper, config.ban_socket, group_id))
     except ConfigError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, get_args, get_origin, get_type_hints
 
@@ -265,13 +266,17 @@ class DnsListSite:
                    for octet, ranges in zip(reply.packed, self.octets, strict=True))
 
 
+_REPLY_OCTET = r"(\d+|\[[0-9.;]+\])"  # 127 or [2..11] or [2;4..7]
+_REPLY_PATTERN = re.compile(r"\.".join([_REPLY_OCTET] * 4))
+
+
 def _reply_pattern(pattern: str, text: str) -> tuple[tuple[tuple[int, int], ...], ...]:
     problem = f"'{text}': the reply pattern must look like 127.0.0.[2..11] or 127.0.0.[2;4]"
-    parts = pattern.split(".")
-    if len(parts) != 4:
+    match = _REPLY_PATTERN.fullmatch(pattern)
+    if match is None:
         raise ValueError(problem)
     octets = []
-    for part in parts:
+    for part in match.groups():
         items = part[1:-1].split(";") if part.startswith("[") and part.endswith("]") else [part]
         ranges = []
         for item in items:

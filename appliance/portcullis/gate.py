@@ -37,7 +37,9 @@ class Worker:
     number: int
     process: subprocess.Popen
     control: socket.socket
+    generation: int  # of the configuration it started with
     active: int = 0
+    ready: bool = False  # its signal handlers are installed
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Gate:
     listeners: list[Listener] = field(default_factory=list)
     connections: dict[int, Connection] = field(default_factory=dict)
     next_id: int = 0
+    generation: int = 0  # bumped by each successful reload
     stopping: bool = False
 
     def __post_init__(self) -> None:
@@ -134,10 +137,16 @@ class Gate:
             log.warning("listen addresses changed; they take effect on restart")
         self.config = new
         self.table.configure(new)
+        self.generation += 1
         for worker in self.workers:
-            if worker.process.poll() is None:
-                worker.process.send_signal(signal.SIGHUP)
+            self._bring_up_to_date(worker)
         log.info("configuration reloaded")
+
+    def _bring_up_to_date(self, worker: Worker) -> None:
+        """Tell a worker to reload, once it can take the signal."""
+        if worker.ready and worker.generation != self.generation and worker.process.poll() is None:
+            worker.process.send_signal(signal.SIGHUP)
+            worker.generation = self.generation
 
     # --- workers ----------------------------------------------------------------
 
@@ -149,7 +158,7 @@ class Gate:
         process = subprocess.Popen(command, pass_fds=[worker_end.fileno()])
         worker_end.close()
         gate_end.setblocking(False)
-        worker = Worker(number, process, gate_end)
+        worker = Worker(number, process, gate_end, self.generation)
         if number < len(self.workers):
             self.workers[number] = worker
         else:
@@ -168,6 +177,9 @@ class Gate:
                 self._worker_died(worker)
                 return
             report = json.loads(message)
+            if report.get("ready"):
+                worker.ready = True
+                self._bring_up_to_date(worker)
             for connection_id in report.get("done", ()):
                 self._closed(connection_id)
             if "tally" in report:

@@ -133,7 +133,7 @@ class Session:
                 core.receive_data(await self._read())
                 continue
             if isinstance(event, smtp.Closed):
-                if event.reason == "eof" and core.state is not smtp.State.CLOSED:
+                if event.reason == "eof":
                     self.labels.append("HANGUP")
                 return
             handler = self._handlers[type(event)]

@@ -107,11 +107,14 @@ class BackendConnection:
 
 class BackendPool:
     MAX_IDLE = 64
-    IDLE_SECONDS = 20.0  # well under Postfix's 300 s smtpd_timeout
+    # As Postfix's smtp_connection_cache_time_limit: long enough to carry a burst,
+    # short enough that a reconfigured backend is not held on its old settings.
+    IDLE_SECONDS = 2.0
 
     def __init__(self, config: Backend):
         self.config = config
         self._idle: list[BackendConnection] = []
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def _connect(self) -> BackendConnection:
         problems = []
@@ -193,8 +196,25 @@ class BackendPool:
         if connection.usable and len(self._idle) < self.MAX_IDLE:
             connection.idle_since = time.monotonic()
             self._idle.append(connection)
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(
+                    self.IDLE_SECONDS, self._sweep)
         else:
             connection.abort()
+
+    def _sweep(self) -> None:
+        """Close connections idle for longer than IDLE_SECONDS."""
+        self._sweeper = None
+        expired = time.monotonic() - self.IDLE_SECONDS
+        keep = []
+        for connection in self._idle:
+            if connection.usable and connection.idle_since > expired:
+                keep.append(connection)
+            else:
+                connection.abort()
+        self._idle = keep
+        if keep:
+            self._sweeper = asyncio.get_running_loop().call_later(self.IDLE_SECONDS, self._sweep)
 
     def close(self) -> None:
         for connection in self._idle:

@@ -56,6 +56,7 @@ class WorkerProcess:
         self.loop.add_signal_handler(signal.SIGTERM, stop.set)
         self.loop.add_signal_handler(signal.SIGINT, stop.set)
         self._gate_gone = stop
+        self.control.send(b'{"ready": true}')
         reporter = asyncio.ensure_future(self._report_periodically())
         await stop.wait()
         self.loop.remove_reader(self.control.fileno())

@@ -29,7 +29,7 @@ def _merge(base: dict, overrides: dict) -> dict:
 class GateProcess:
     """A gate on 127.0.0.1:<free port> relaying to `backend` ("host:port")."""
 
-    def __init__(self, directory: Path, backend: str, **overrides):
+    def __init__(self, directory: Path, backend_server: str, **overrides):
         self.directory = directory
         self.port = free_port()
         self.recipients = directory / "recipients"
@@ -42,7 +42,7 @@ class GateProcess:
             "relay_domains": ["example.test"],
             "workers": 2,
             "recipients": {"file": str(self.recipients)},
-            "backend": {"servers": [backend], "connect_timeout": 2, "command_timeout": 3,
+            "backend": {"servers": [backend_server], "connect_timeout": 2, "command_timeout": 3,
                         "data_timeout": 3},
             "tls": {"generated_dir": str(directory / "tls")},
             "state_dir": str(directory / "state"),

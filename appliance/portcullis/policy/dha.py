@@ -62,9 +62,9 @@ from dataclasses import dataclass
 
 from ..config import Network
 from ..smtp.replies import Reply
-from . import score as score_module
 from .reputation import ReputationStore
-from .score import ConnectionScore, Stage, check_ascending
+from .score import ConnectionScore, Signal, Stage, check_ascending
+from .score import check_config as check_score_config
 
 log = logging.getLogger("portcullis.dha")
 
@@ -109,7 +109,7 @@ def check_config(config, path: str = "<config>") -> None:
     check_ascending("dha", config.dha, ("tarpit_after", "suspect_after", "ban_after"), path)
     check_ascending("dha", config.dha,
                     ("prefix_tarpit_after", "prefix_suspect_after", "prefix_ban_after"), path)
-    score_module.check_config(config.score, path)
+    check_score_config(config.score, path)
 
 
 class DhaEngine:
@@ -171,7 +171,7 @@ class DhaEngine:
         if client.exempt:
             return PASSED
         now = self.clock()
-        score.add(score_module.Signal.INVALID_RECIPIENT)
+        score.add(Signal.INVALID_RECIPIENT)
         self._record(client, now)
         return self._decide(client, now, self._dha_stage(client, now), score,
                             before_lookup=False)

@@ -74,7 +74,7 @@ def check_helo(name: str, client_ip: str, own_names: Iterable[str], own_addrs: I
 
 
 def is_valid_domain(name: str) -> bool:
-    domain = name[:-1] if name.endswith(".") else name
+    domain = name.removesuffix(".")
     if not domain or len(domain) > MAX_NAME_LENGTH:
         return False
     labels = domain.split(".")

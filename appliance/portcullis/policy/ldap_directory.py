@@ -146,6 +146,10 @@ class LdapRecipientDirectory:
             self.tempfails += 1
             self._note_state(False, str(e) or f"no answer within {self.settings.timeout}s")
             return Lookup.TEMPFAIL
+        except Exception:  # a bug here must cost a retry, never a wrong 550
+            self.tempfails += 1
+            log.exception("LDAP lookup of %r failed unexpectedly", address)
+            return Lookup.TEMPFAIL
         self._note_state(True, "")
         self._cache.put(key, answer, time.monotonic())
         return answer
@@ -173,7 +177,8 @@ class LdapRecipientDirectory:
     def _search(self, address: str) -> Lookup:
         search_filter = self.settings.filter.replace(
             ADDRESS_PLACEHOLDER, escape_filter_value(address))
-        # A pooled connection may have died with a restarted server: one retry on a new one.
+        # Pooled connections may have died with a restarted server: on a failure, drop
+        # them all and try once more on a new connection.
         for _attempt in range(2):
             connection, generation, reused = self._take_connection()
             try:
@@ -182,19 +187,21 @@ class LdapRecipientDirectory:
                     attributes=[ldap3.NO_ATTRIBUTES], size_limit=1,
                     time_limit=math.ceil(self.settings.timeout),
                 )
+                result = connection.result
+                found = any(item["type"] == "searchResEntry"
+                            for item in connection.response or ())
             except LDAPException as e:
                 _unbind_quietly(connection)
                 if reused:
+                    self._drop_idle_connections()
                     continue
                 raise DirectoryUnavailable(f"search failed: {e}") from None
-            result = connection.result
-            found = any(item["type"] == "searchResEntry" for item in connection.response or ())
             self._give_back(connection, generation)
             if result["result"] not in (_SUCCESS, _SIZE_LIMIT_EXCEEDED):
                 raise DirectoryUnavailable(
                     f"search failed: {result['description']} {result['message']}".strip())
             return Lookup.VALID if found else Lookup.UNKNOWN
-        raise DirectoryUnavailable("search failed twice on fresh connections")
+        raise DirectoryUnavailable("search failed on a new connection too")
 
     def _take_connection(self) -> tuple[ldap3.Connection, int, bool]:
         with self._lock:
@@ -215,8 +222,9 @@ class LdapRecipientDirectory:
         auto_bind = ldap3.AUTO_BIND_TLS_BEFORE_BIND if settings.starttls else ldap3.AUTO_BIND_NO_TLS
         try:
             return ldap3.Connection(
-                _make_server(settings, self._tls), user=settings.bind_dn or None, password=self._password or None,
-                auto_bind=auto_bind, client_strategy=ldap3.SYNC, read_only=True,
+                _make_server(settings, self._tls), user=settings.bind_dn or None,
+                password=self._password or None, auto_bind=auto_bind,
+                client_strategy=ldap3.SYNC, read_only=True,
                 # ldap3 needs whole seconds here; lookup() enforces the exact timeout.
                 receive_timeout=math.ceil(settings.timeout), raise_exceptions=False,
                 auto_referrals=False,

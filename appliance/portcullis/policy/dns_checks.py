@@ -1,0 +1,220 @@
+"""DNS checks on a connecting client, asynchronous and each bounded by its own timeout.
+
+- FCrDNS: the PTR names of the client address, then the A (IPv4 client) or AAAA
+  (IPv6 client) records of each name; it passes when one of them is the client address.
+- DNS lists, as postscreen does them: every zone is queried once and in parallel; each
+  site whose pattern matches a reply adds its weight to the client's rank (allowlists
+  have negative weights); at `dnsbl.threshold` the configured action applies.
+- HELO rules are in helo.py; `check_helo` is here too so that the session has one object.
+
+What the DNS cannot tell never counts against the client: a timeout or a server
+failure gives a neutral finding (DNS_TIMEOUT, DNS_ERROR) and no verdict. An allowlist
+that does not answer is assumed to have listed the client, so a blocklist rank that
+it might have offset does not reject.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterable
+
+import dns.asyncresolver
+import dns.exception
+import dns.nameserver
+import dns.resolver
+import dns.reversename
+
+from ..config import ConfigError, DnsChecks, DnsListSite
+from .findings import Action, Finding
+from .helo import IPAddress, check_helo, normalized_address
+from .score import Signal
+
+MAX_PTR_NAMES = 5  # forward-checked names per client; more is a misconfiguration or abuse
+
+
+class Unresolved(Exception):
+    """The DNS did not say yes or no: `label` is DNS_TIMEOUT or DNS_ERROR."""
+
+    def __init__(self, label: str, detail: str):
+        super().__init__(detail)
+        self.label = label
+        self.detail = detail
+
+    def finding(self, check: str) -> Finding:
+        return Finding(self.label, Action.NONE, None, f"{check}: {self.detail}")
+
+
+def make_resolver(settings: DnsChecks) -> dns.asyncresolver.Resolver:
+    """A resolver on the configured nameservers, or on those of /etc/resolv.conf."""
+    if settings.nameservers:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        servers = []
+        for server in settings.nameservers:
+            try:
+                ipaddress.ip_address(server.host)
+            except ValueError:
+                raise ConfigError(f"key 'dns.nameservers': '{server}' must be an IP address "
+                                  "and port, like 127.0.0.1:53") from None
+            servers.append(dns.nameserver.Do53Nameserver(server.host, server.port))
+        resolver.nameservers = servers
+    else:
+        try:
+            resolver = dns.asyncresolver.Resolver()
+        except dns.resolver.NoResolverConfiguration:
+            raise ConfigError("key 'dns.nameservers' is empty and /etc/resolv.conf names "
+                              "no nameserver: list at least one IP:port") from None
+    resolver.cache = dns.resolver.LRUCache(settings.cache_size) if settings.cache_size else None
+    return resolver
+
+
+class DnsChecker:
+    """The client checks of one configuration. Reuse it for every connection."""
+
+    def __init__(self, settings: DnsChecks, resolver: dns.asyncresolver.Resolver | None = None):
+        self.settings = settings
+        self.resolver = resolver or make_resolver(settings)
+        self._fcrdns_action = Action.configured(settings.fcrdns.action)
+        self._dnsbl_action = Action.configured(settings.dnsbl.action)
+        self._zones = sorted({site.zone for site in settings.dnsbl.sites})
+
+    async def check_client(self, client_ip: str) -> list[Finding]:
+        """Run FCrDNS and the DNS lists concurrently; their findings, in that order."""
+        address = normalized_address(client_ip)
+        checks = []
+        if self._fcrdns_action is not None:
+            checks.append(self.check_fcrdns(address))
+        if self._dnsbl_action is not None and self._zones:
+            checks.append(self.check_dns_lists(address))
+        results = await asyncio.gather(*checks)
+        return [finding for findings in results for finding in findings]
+
+    def check_helo(self, helo: str, client_ip: str, own_names: Iterable[str],
+                   own_addrs: Iterable[str]) -> list[Finding]:
+        return check_helo(helo, client_ip, own_names, own_addrs, self.settings.helo)
+
+    # --- forward-confirmed reverse DNS ---------------------------------------------
+
+    async def check_fcrdns(self, address: IPAddress) -> list[Finding]:
+        timeout = self.settings.fcrdns.timeout
+        try:
+            async with asyncio.timeout(timeout):
+                return self._fcrdns_verdict(address, *await self._fcrdns_lookups(address))
+        except TimeoutError:
+            return [Unresolved("DNS_TIMEOUT", f"no answer within {timeout:g}s").finding("fcrdns")]
+        except Unresolved as unresolved:
+            return [unresolved.finding("fcrdns")]
+
+    async def _fcrdns_lookups(self, address: IPAddress):
+        """The PTR names, and for each the forward addresses or why there are none."""
+        timeout = self.settings.fcrdns.timeout
+        reverse_name = dns.reversename.from_address(str(address))
+        names = (await self._query(reverse_name, "PTR", timeout))[:MAX_PTR_NAMES]
+        record = "A" if address.version == 4 else "AAAA"
+        forward = await asyncio.gather(*(self._query(name, record, timeout) for name in names),
+                                       return_exceptions=True)
+        return names, forward
+
+    def _fcrdns_verdict(self, address: IPAddress, names: list[str], forward) -> list[Finding]:
+        if not names:
+            return self._fcrdns_fail(f"no PTR record for {address}")
+        for answer in forward:
+            if isinstance(answer, BaseException) and not isinstance(answer, Unresolved):
+                raise answer
+        if any(not isinstance(answer, Unresolved) and address in map(_address, answer)
+               for answer in forward):
+            return []
+        unresolved = [answer for answer in forward if isinstance(answer, Unresolved)]
+        if unresolved:  # the name that would have confirmed it may be the one that failed
+            return [unresolved[0].finding("fcrdns")]
+        return self._fcrdns_fail(f"{', '.join(names)} (PTR of {address}) "
+                                 f"do{'es' if len(names) == 1 else ''} not resolve back to it")
+
+    def _fcrdns_fail(self, detail: str) -> list[Finding]:
+        return [Finding("FCRDNS_FAIL", self._fcrdns_action, Signal.NO_REVERSE_DNS, detail)]
+
+    # --- DNS lists --------------------------------------------------------------------
+
+    async def check_dns_lists(self, address: IPAddress) -> list[Finding]:
+        settings = self.settings.dnsbl
+        prefix = reversed_labels(address)
+        answers = await asyncio.gather(*(self._list_replies(prefix, zone) for zone in self._zones))
+        replies = dict(zip(self._zones, answers, strict=True))
+        findings = [answer.finding(f"dnsbl {zone}") for zone, answer in replies.items()
+                    if isinstance(answer, Unresolved)]
+        listed: list[tuple[DnsListSite, ipaddress.IPv4Address]] = []
+        silent_allowlists = 0  # the sum of the weights of allowlists that did not answer
+        for site in settings.sites:
+            answer = replies[site.zone]
+            if isinstance(answer, Unresolved):
+                silent_allowlists += min(site.weight, 0)
+                continue
+            match = next((reply for reply in answer if site.matches(reply)), None)
+            if match is not None:
+                listed.append((site, match))
+        return findings + self._dns_list_verdict(listed, silent_allowlists)
+
+    def _dns_list_verdict(self, listed, silent_allowlists: int) -> list[Finding]:
+        threshold = self.settings.dnsbl.threshold
+        rank = sum(site.weight for site, _ in listed)
+        findings = []
+        allowed = [_listing(site, reply) for site, reply in listed if site.weight < 0]
+        if allowed:
+            findings.append(Finding("DNSWL", Action.NONE, None, ", ".join(allowed)))
+        blocked = [_listing(site, reply) for site, reply in listed if site.weight > 0]
+        if not blocked:
+            return findings
+        detail = f"rank {rank}, threshold {threshold}: {', '.join(blocked)}"
+        if rank + silent_allowlists >= threshold:
+            findings.append(Finding("DNSBL", self._dnsbl_action, Signal.DNSBL, detail))
+        elif rank >= threshold:
+            findings.append(Finding("DNSBL_RANK", Action.NONE, None,
+                                    detail + "; not acted on: an allowlist did not answer"))
+        else:
+            findings.append(Finding("DNSBL_RANK", Action.NONE, None, detail))
+        return findings
+
+    async def _list_replies(self, prefix: str, zone: str):
+        """The A records of `prefix.zone` as addresses, or the Unresolved reason."""
+        timeout = self.settings.dnsbl.timeout
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await self._query(f"{prefix}.{zone}.", "A", timeout)
+        except TimeoutError:
+            return Unresolved("DNS_TIMEOUT", f"no answer within {timeout:g}s")
+        except Unresolved as unresolved:
+            return unresolved
+        return [ipaddress.IPv4Address(reply) for reply in answer]
+
+    # --- one query ----------------------------------------------------------------------
+
+    async def _query(self, name, record: str, lifetime: float) -> list[str]:
+        """The answers as text; empty when the name or record does not exist."""
+        try:
+            answer = await self.resolver.resolve(name, record, search=False, lifetime=lifetime)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return []
+        except dns.exception.Timeout:
+            raise Unresolved("DNS_TIMEOUT", f"{record} {name}: no answer within "
+                                            f"{lifetime:g}s") from None
+        except dns.exception.DNSException as e:  # SERVFAIL, REFUSED, malformed replies
+            raise Unresolved("DNS_ERROR", f"{record} {name}: {e}") from None
+        return [rdata.to_text() for rdata in answer]
+
+
+def reversed_labels(address: IPAddress) -> str:
+    """192.0.2.1 -> 1.2.0.192; IPv6 as 32 reversed nibbles, as DNS lists expect."""
+    if address.version == 4:
+        return ".".join(reversed(str(address).split(".")))
+    return ".".join(reversed(address.exploded.replace(":", "")))
+
+
+def _address(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _listing(site: DnsListSite, reply: ipaddress.IPv4Address) -> str:
+    return f"{site.zone}={reply}*{site.weight}"
