@@ -43,6 +43,7 @@ class ConnectionTable:
         self.per_prefix: dict[str, int] = defaultdict(int)
         self.buckets: dict[str, TokenBucket] = {}
         self.pregreet_passed: dict[str, float] = {}  # ip -> expiry
+        self.pregreet_failed: dict[str, float] = {}  # ip -> expiry: suspicious until then
 
     def configure(self, config: Config) -> None:
         self.config = config
@@ -81,8 +82,12 @@ class ConnectionTable:
     def pregreet_pass(self, ip: str, now: float) -> None:
         self.pregreet_passed[ip] = now + self.limits.pregreet_ttl
 
-    def pregreet_fail(self, ip: str) -> None:
+    def pregreet_fail(self, ip: str, now: float) -> None:
         self.pregreet_passed.pop(ip, None)
+        self.pregreet_failed[ip] = now + self.limits.pregreet_ttl
+
+    def pregreet_failed_recently(self, ip: str) -> bool:
+        return ip in self.pregreet_failed
 
     # --- admission --------------------------------------------------------------
 
@@ -131,8 +136,9 @@ class ConnectionTable:
         rate = self.limits.connection_rate_per_ip
         for ip in [ip for ip, b in self.buckets.items() if b.tokens + (now - b.stamp) * rate >= burst]:
             del self.buckets[ip]
-        for ip in [ip for ip, expiry in self.pregreet_passed.items() if expiry < now]:
-            del self.pregreet_passed[ip]
+        for remembered in (self.pregreet_passed, self.pregreet_failed):
+            for ip in [ip for ip, expiry in remembered.items() if expiry < now]:
+                del remembered[ip]
 
 
 def _decrement(counts: dict[str, int], key: str) -> None:

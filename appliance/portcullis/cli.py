@@ -32,6 +32,8 @@ def _setup_logging(level: str, name: str) -> None:
 def _load_checked(path: str) -> configuration.Config:
     """Load the configuration and the recipient list it names; ConfigError if either is bad."""
     config = configuration.load(path)
+    from .policy.dha import check_config as check_thresholds
+    check_thresholds(config, path)
     if config.recipients.source == "static":
         from .policy.recipients import RecipientListError, parse_recipient_list
         try:
@@ -80,6 +82,11 @@ def worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def ban_helper(args: argparse.Namespace) -> int:
+    from .banhelper import main as helper_main
+    return helper_main(["--config", args.config])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="portcullis", description="Before-queue SMTP gate")
     parser.add_argument("--version", action="version", version=f"portcullis {__version__}")
@@ -94,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command("check-config", check_config, "validate the configuration file and exit")
     command("serve", serve, "run the gate")
+    command("ban-helper", ban_helper, "run the privileged helper that feeds the nftables ban sets")
     sub = command("worker", worker, argparse.SUPPRESS)
     sub.add_argument("--control-fd", type=int, required=True)
     sub.add_argument("--number", type=int, default=0)

@@ -24,7 +24,10 @@ from . import config as configuration
 from . import tls
 from .admission import ConnectionTable
 from .config import Config, ConfigError
+from .firewall import BanClient
 from .metrics import Registry
+from .policy import reputation
+from .policy.dha import DhaEngine
 
 log = logging.getLogger("portcullis.gate")
 
@@ -71,6 +74,12 @@ class Gate:
     def __post_init__(self) -> None:
         self.table = ConnectionTable(self.config)
         self.loop = asyncio.get_event_loop()
+        self.store = reputation.open_store(self.config)
+        self.bans = BanClient(self.config.ban_socket) if self.config.ban_socket else None
+        self.dha = self._dha_engine(self.config)
+
+    def _dha_engine(self, config: Config) -> DhaEngine:
+        return DhaEngine(config, self.store, self.bans.request_ban if self.bans else None)
 
     # --- start and stop ---------------------------------------------------------
 
@@ -105,6 +114,9 @@ class Gate:
             self.loop.add_signal_handler(signum, self._stopped.set)
         log.info("listening on %s with %d workers",
                  ", ".join(l.address for l in self.listeners), len(self.workers))
+        restored = self.dha.restore_bans()  # the nftables set is empty after a reboot
+        if restored:
+            log.info("sent %d active bans to the ban helper", restored)
         housekeeping = asyncio.ensure_future(self._housekeeping())
         await self._stopped.wait()
         housekeeping.cancel()
@@ -124,6 +136,9 @@ class Gate:
                 worker.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 worker.process.kill()
+        if self.bans:
+            await self.bans.close()
+        self.store.close()
         log.info("stopped")
 
     def reload(self) -> None:
@@ -137,6 +152,7 @@ class Gate:
             log.warning("listen addresses changed; they take effect on restart")
         self.config = new
         self.table.configure(new)
+        self.dha = self._dha_engine(new)
         self.generation += 1
         for worker in self.workers:
             self._bring_up_to_date(worker)
@@ -222,6 +238,10 @@ class Gate:
         table = self.table
         allowlisted = table.is_allowlisted(ip)
         if not allowlisted:
+            banned = self.dha.check_connect(ip)
+            if banned.reply is not None:
+                self._refuse(sock, banned.reply.encode(), banned.label)
+                return
             verdict = table.judge(ip, now)
             if verdict.label:
                 self._refuse(sock, verdict.reply, verdict.label)
@@ -259,7 +279,7 @@ class Gate:
                 early = b""
             self._closed(connection_id)
             if early:
-                self.table.pregreet_fail(connection.ip)
+                self.table.pregreet_fail(connection.ip, time.monotonic())
                 self._refuse(sock, self.table.reply_pregreet, "PREGREET")
             else:
                 self.registry.reasons.labels("HANGUP").inc()
@@ -279,6 +299,7 @@ class Gate:
         header = json.dumps({
             "id": connection_id, "ip": connection.ip, "port": port,
             "stress": self.table.stressed, "allowlisted": not connection.counted,
+            "pregreet_failed": self.table.pregreet_failed_recently(connection.ip),
         }).encode()
         try:
             if worker is None:

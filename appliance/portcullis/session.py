@@ -18,6 +18,8 @@ from typing import ClassVar
 from . import metrics
 from .config import Config
 from .policy import Lookup
+from .policy.dha import DhaEngine, Verdict
+from .policy.score import ConnectionScore, Signal
 from .smtp import commands, replies
 from .smtp import state as smtp
 from .smtp.replies import Reply
@@ -40,6 +42,7 @@ class Client:
     port: int
     stress: bool = False  # the gate is near its connection cap: tighter timeouts
     allowlisted: bool = False
+    pregreet_failed: bool = False  # recently talked before the banner
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Services:
     backend: BackendPool
     tls: ssl.SSLContext | None
     tally: metrics.Tally
+    dha: DhaEngine
     limits: smtp.ProtocolLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -61,6 +65,16 @@ class Services:
             max_strikes=limits.max_strikes,
             max_commands=limits.max_commands,
         )
+
+
+# Violations that count as strikes against the connection's score.
+STRIKES = frozenset({"LINE_TOO_LONG", "BAD_BYTES", "UNKNOWN_COMMAND", "BAD_SEQUENCE", "SYNTAX"})
+
+
+async def _hold_until(moment: float) -> None:
+    delay = moment - time.monotonic()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 class SessionTimeout(Exception):
@@ -102,7 +116,10 @@ class Session:
         self.helo = ""
         self.transaction: Transaction | None = None
         self.transactions: list[dict] = []
-        self.labels: list[str] = []
+        self.labels: dict[str, int] = {}  # reason label -> times, in order of first use
+        self.score = ConnectionScore(self.config.score)
+        if client.pregreet_failed:
+            self.score.add(Signal.PREGREET)
         self.bytes_in = 0
         self.data_started = 0.0
         self.data_bytes = 0
@@ -111,13 +128,14 @@ class Session:
 
     async def run(self) -> None:
         try:
-            self._send(Reply(220, "", f"{self.config.hostname} ESMTP"))
+            self.core.send(Reply(220, "", f"{self.config.hostname} ESMTP"))
             await self._serve()
         except SessionTimeout as timeout:
-            self.labels.append(timeout.label)
-            self._send(Reply(421, "4.4.2", f"{self.config.hostname} Timeout, closing connection"))
+            self._reason(timeout.label)
+            self.core.close_with(
+                Reply(421, "4.4.2", f"{self.config.hostname} Timeout, closing connection"))
         except (ConnectionError, ssl.SSLError) as e:
-            self.labels.append("DISCONNECT")
+            self._reason("DISCONNECT")
             log.debug("client %s: %s", self.client.ip, e)
         finally:
             await self._end_transaction(aborted=True)
@@ -134,7 +152,7 @@ class Session:
                 continue
             if isinstance(event, smtp.Closed):
                 if event.reason == "eof":
-                    self.labels.append("HANGUP")
+                    self._reason("HANGUP")
                 return
             handler = self._handlers[type(event)]
             await handler(self, event)
@@ -162,9 +180,6 @@ class Session:
         minimum = self.config.limits.min_data_rate
         if minimum and elapsed > 10 and self.data_bytes < minimum * elapsed:
             raise SessionTimeout("DATA_TOO_SLOW")
-
-    def _send(self, reply: Reply) -> None:
-        self.core.send(reply)
 
     async def _flush(self) -> None:
         out = self.core.data_to_send()
@@ -194,25 +209,44 @@ class Session:
     async def _on_rcpt(self, event: smtp.Rcpt) -> None:
         transaction = self.transaction
         address = event.recipient.address
-        reply, label = await self._judge_recipient(address)
+        reply, label = await self._judge_recipient(address, time.monotonic())
         if reply is None:
             reply, label = await self._relay_recipient(transaction, address)
         transaction.recipients.append({"to": address, "reply": reply.code, "label": label})
         if label:
-            self.services.tally.reason(label)
-            self.labels.append(label)
+            self._reason(label)
         self._respond(reply)
 
-    async def _judge_recipient(self, address: str) -> tuple[Reply | None, str]:
-        """Local policy: the domain, then the directory. None means pass."""
+    async def _judge_recipient(self, address: str, arrived: float) -> tuple[Reply | None, str]:
+        """Local policy: the domain, then the harvest defence and the directory.
+
+        No oracle: the delay, and for a suspect client the reply itself, are fixed
+        before the directory is asked, so valid and invalid addresses look the same.
+        None means pass.
+        """
         if not self.config.is_relay_domain(commands.domain_of(address)):
             return RELAY_DENIED, "RELAY_DENIED"
+        dha = self.services.dha
+        verdict = dha.before_rcpt(self.client.ip, self.score)
+        self._note(verdict)
+        if verdict.reply is not None:
+            await _hold_until(arrived + verdict.delay)
+            return verdict.reply, verdict.label
         lookup = await self.services.recipients.lookup(address)
+        await _hold_until(arrived + verdict.delay)
         if lookup is Lookup.UNKNOWN:
+            after = dha.invalid_recipient(self.client.ip, self.score)
+            self._note(after)
+            if after.reply is not None:
+                return after.reply, "UNKNOWN_RCPT"
             return UNKNOWN_RECIPIENT, "UNKNOWN_RCPT"
         if lookup is Lookup.TEMPFAIL:
             return DIRECTORY_TEMPFAIL, "DIRECTORY_TEMPFAIL"
         return None, ""
+
+    def _note(self, verdict: Verdict) -> None:
+        if verdict.label:
+            self._reason(verdict.label)
 
     async def _relay_recipient(self, transaction: Transaction, address: str) -> tuple[Reply, str]:
         """Ask the backend; its answer is the client's answer."""
@@ -236,7 +270,7 @@ class Session:
         transaction = self.transaction
         if transaction.backend is None:  # the backend was lost after RCPT
             self._respond(BACKEND_DOWN)
-            self.labels.append("BACKEND_DOWN")
+            self._reason("BACKEND_DOWN")
             return
         try:
             reply = await transaction.backend.command("DATA")
@@ -245,11 +279,11 @@ class Session:
             self.services.tally.add(metrics.BACKEND_ERRORS)
             self._drop_backend(transaction)
             self._respond(BACKEND_DOWN)
-            self.labels.append("BACKEND_DOWN")
+            self._reason("BACKEND_DOWN")
             return
         if reply.code != 354:
             self._respond(reply)
-            self.labels.append("BACKEND_REFUSED")
+            self._reason("BACKEND_REFUSED")
             return
         transaction.backend_in_data = True
         self.data_started = time.monotonic()
@@ -282,13 +316,13 @@ class Session:
                 transaction.backend_failed = True
         if transaction.backend_failed:
             self.services.tally.add(metrics.BACKEND_ERRORS)
-            self.labels.append("BACKEND_DOWN")
+            self._reason("BACKEND_DOWN")
             self._drop_backend(transaction)
         elif reply.is_positive:
             self.services.tally.add(metrics.RELAYED)
             self.services.tally.add(metrics.RELAYED_BYTES, transaction.size)
         else:
-            self.labels.append("BACKEND_REFUSED")
+            self._reason("BACKEND_REFUSED")
         transaction.reply = str(reply)
         self._respond(reply)
         await self._end_transaction(aborted=False)
@@ -309,13 +343,18 @@ class Session:
             self._reason("TLS_FAILED")
             raise ConnectionError(f"TLS handshake failed: {e!r}") from None
         self.core.tls_started()
-        self.labels.append("TLS")
 
     async def _on_reset(self, event: smtp.Reset) -> None:
         await self._end_transaction(aborted=True)
 
     async def _on_violation(self, event: smtp.Violation) -> None:
         self._reason(event.label)
+        if event.label in STRIKES:
+            self.score.add(Signal.STRIKE)
+            verdict = self.services.dha.after_signal(self.client.ip, self.score)
+            self._note(verdict)
+            if verdict.disconnect:
+                self.core.close_with(verdict.reply)
         if self.core.state is smtp.State.DATA or event.reply.code in (421, 521):
             await self._end_transaction(aborted=True)
 
@@ -335,7 +374,7 @@ class Session:
     # --- bookkeeping ------------------------------------------------------------
 
     def _reason(self, label: str) -> None:
-        self.labels.append(label)
+        self.labels[label] = self.labels.get(label, 0) + 1
         self.services.tally.reason(label)
 
     def _drop_backend(self, transaction: Transaction) -> None:
@@ -379,6 +418,7 @@ class Session:
             "tls": self.core.tls_active,
             "mail": self.transactions,
             "labels": self.labels,
+            "score": self.score.describe(),
             "bytes": self.bytes_in,
             "duration": round(time.monotonic() - self.started, 3),
             "reply": str(self.core.last_reply or ""),

@@ -11,7 +11,10 @@ import socket
 from . import config as configuration
 from . import tls
 from .config import Config, ConfigError
+from .firewall import BanClient
 from .metrics import Tally
+from .policy import reputation
+from .policy.dha import DhaEngine
 from .policy.recipients import StaticRecipients
 from .session import Client, Services, Session
 from .upstream import BackendPool
@@ -37,6 +40,8 @@ class WorkerProcess:
         self.tally = Tally()
         self.done: list[int] = []
         self.sessions: set[asyncio.Task] = set()
+        self.store = reputation.open_store(config)
+        self.bans = BanClient(config.ban_socket) if config.ban_socket else None
         self.services = self._services(config)
 
     def _services(self, config: Config) -> Services:
@@ -46,6 +51,7 @@ class WorkerProcess:
             backend=BackendPool(config.backend),
             tls=tls.server_context(config.tls, config.hostname),
             tally=self.tally,
+            dha=DhaEngine(config, self.store, self.bans.request_ban if self.bans else None),
         )
 
     async def run(self) -> None:
@@ -64,6 +70,9 @@ class WorkerProcess:
             await asyncio.wait(self.sessions, timeout=SHUTDOWN_GRACE)
         reporter.cancel()
         self._report()
+        if self.bans:
+            await self.bans.close()
+        self.store.close()
 
     def reload(self) -> None:
         try:
@@ -102,7 +111,8 @@ class WorkerProcess:
     async def _serve(self, sock: socket.socket, info: dict) -> None:
         try:
             reader, writer = await _server_streams(sock)
-            client = Client(info["ip"], info["port"], info["stress"], info["allowlisted"])
+            client = Client(info["ip"], info["port"], info["stress"], info["allowlisted"],
+                            info["pregreet_failed"])
             await Session(self.services, reader, writer, client).run()
         except Exception:  # one broken session must never take the worker down
             log.exception("session for %s failed", info.get("ip"))

@@ -59,9 +59,8 @@ def test_backend_tempfail_passes_through(gate, postfix_backend, mode, stage):
 
 
 def test_blackholed_backend_gives_4xx_in_bounded_time(postfix_backend, tmp_path):
-    with Blackhole() as hole:
-        with GateProcess(tmp_path, f"127.0.0.1:{hole.port}") as gate:
-            code, text, took = attempt(gate)
+    with Blackhole() as hole, GateProcess(tmp_path, f"127.0.0.1:{hole.port}") as gate:
+        code, text, took = attempt(gate)
     assert (code, text[:5]) == (451, b"4.4.1")
     assert took < BOUND
 

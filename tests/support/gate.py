@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import yaml
 
@@ -55,7 +56,7 @@ class GateProcess:
         self.config_path.write_text(yaml.safe_dump(settings or self.settings))
 
     def start(self) -> GateProcess:
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "portcullis.cli", "serve", "-c", str(self.config_path)],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -97,7 +98,7 @@ class GateProcess:
                 lines.append(json.loads(payload))
         return lines
 
-    def __enter__(self) -> GateProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info) -> None:

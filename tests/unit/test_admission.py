@@ -63,8 +63,11 @@ def test_pregreet_pass_is_remembered_until_it_expires():
     t.pregreet_pass("192.0.2.1", 0)
     assert not t.needs_pregreet("192.0.2.1", 50)
     assert t.needs_pregreet("192.0.2.1", 101)
-    t.pregreet_fail("192.0.2.1")
-    assert t.needs_pregreet("192.0.2.1", 1)
+    t.pregreet_fail("192.0.2.1", 60)
+    assert t.needs_pregreet("192.0.2.1", 61)
+    assert t.pregreet_failed_recently("192.0.2.1")
+    t.prune(161)
+    assert not t.pregreet_failed_recently("192.0.2.1")
 
 
 def test_prune_forgets_idle_state():

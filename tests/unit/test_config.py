@@ -1,7 +1,6 @@
 """The configuration schema: defaults, and errors that name the key and the line."""
 
 import pytest
-
 from portcullis import config
 from portcullis.config import ConfigError
 

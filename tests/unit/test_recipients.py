@@ -3,7 +3,6 @@
 import os
 
 import pytest
-
 from portcullis.policy import Lookup
 from portcullis.policy.recipients import RecipientListError, StaticRecipients, parse_recipient_list
 

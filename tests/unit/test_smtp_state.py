@@ -3,7 +3,6 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from portcullis.smtp import replies
 from portcullis.smtp import state as smtp
 from portcullis.smtp.replies import Reply
@@ -13,8 +12,9 @@ from portcullis.smtp.state import ProtocolLimits, SmtpServer, State
 class Driver:
     """Feeds bytes and answers events the way a permissive session would."""
 
-    def __init__(self, limits: ProtocolLimits = ProtocolLimits(), tls: bool = False):
-        self.server = SmtpServer("mx.test", limits, tls_available=tls, postmaster_domain="example.test")
+    def __init__(self, limits: ProtocolLimits | None = None, tls: bool = False):
+        self.server = SmtpServer("mx.test", limits or ProtocolLimits(), tls_available=tls,
+                                 postmaster_domain="example.test")
         self.events: list = []
         self.content = bytearray()
         self.answers: dict[type, Reply] = {}

@@ -97,34 +97,22 @@ class DnsChecker:
 
     async def check_fcrdns(self, address: IPAddress) -> list[Finding]:
         timeout = self.settings.fcrdns.timeout
+        record = "A" if address.version == 4 else "AAAA"
         try:
             async with asyncio.timeout(timeout):
-                return self._fcrdns_verdict(address, *await self._fcrdns_lookups(address))
+                reverse_name = dns.reversename.from_address(str(address))
+                names = (await self._query(reverse_name, "PTR", timeout))[:MAX_PTR_NAMES]
+                answers = await asyncio.gather(*(self._addresses(name, record, timeout)
+                                                 for name in names))
         except TimeoutError:
             return [Unresolved("DNS_TIMEOUT", f"no answer within {timeout:g}s").finding("fcrdns")]
         except Unresolved as unresolved:
             return [unresolved.finding("fcrdns")]
-
-    async def _fcrdns_lookups(self, address: IPAddress):
-        """The PTR names, and for each the forward addresses or why there are none."""
-        timeout = self.settings.fcrdns.timeout
-        reverse_name = dns.reversename.from_address(str(address))
-        names = (await self._query(reverse_name, "PTR", timeout))[:MAX_PTR_NAMES]
-        record = "A" if address.version == 4 else "AAAA"
-        forward = await asyncio.gather(*(self._query(name, record, timeout) for name in names),
-                                       return_exceptions=True)
-        return names, forward
-
-    def _fcrdns_verdict(self, address: IPAddress, names: list[str], forward) -> list[Finding]:
         if not names:
             return self._fcrdns_fail(f"no PTR record for {address}")
-        for answer in forward:
-            if isinstance(answer, BaseException) and not isinstance(answer, Unresolved):
-                raise answer
-        if any(not isinstance(answer, Unresolved) and address in map(_address, answer)
-               for answer in forward):
+        if any(address in answer for answer in answers if isinstance(answer, list)):
             return []
-        unresolved = [answer for answer in forward if isinstance(answer, Unresolved)]
+        unresolved = [answer for answer in answers if isinstance(answer, Unresolved)]
         if unresolved:  # the name that would have confirmed it may be the one that failed
             return [unresolved[0].finding("fcrdns")]
         return self._fcrdns_fail(f"{', '.join(names)} (PTR of {address}) "
@@ -138,7 +126,9 @@ class DnsChecker:
     async def check_dns_lists(self, address: IPAddress) -> list[Finding]:
         settings = self.settings.dnsbl
         prefix = reversed_labels(address)
-        answers = await asyncio.gather(*(self._list_replies(prefix, zone) for zone in self._zones))
+        timeout = settings.timeout
+        answers = await asyncio.gather(*(self._addresses(f"{prefix}.{zone}.", "A", timeout)
+                                         for zone in self._zones))
         replies = dict(zip(self._zones, answers, strict=True))
         findings = [answer.finding(f"dnsbl {zone}") for zone, answer in replies.items()
                     if isinstance(answer, Unresolved)]
@@ -174,17 +164,16 @@ class DnsChecker:
             findings.append(Finding("DNSBL_RANK", Action.NONE, None, detail))
         return findings
 
-    async def _list_replies(self, prefix: str, zone: str):
-        """The A records of `prefix.zone` as addresses, or the Unresolved reason."""
-        timeout = self.settings.dnsbl.timeout
+    async def _addresses(self, name: str, record: str, timeout: float):
+        """The A or AAAA records of `name` as addresses, or the Unresolved reason."""
         try:
             async with asyncio.timeout(timeout):
-                answer = await self._query(f"{prefix}.{zone}.", "A", timeout)
+                answer = await self._query(name, record, timeout)
         except TimeoutError:
-            return Unresolved("DNS_TIMEOUT", f"no answer within {timeout:g}s")
+            return Unresolved("DNS_TIMEOUT", f"{record} {name}: no answer within {timeout:g}s")
         except Unresolved as unresolved:
             return unresolved
-        return [ipaddress.IPv4Address(reply) for reply in answer]
+        return [ipaddress.ip_address(text) for text in answer]
 
     # --- one query ----------------------------------------------------------------------
 
@@ -207,13 +196,6 @@ def reversed_labels(address: IPAddress) -> str:
     if address.version == 4:
         return ".".join(reversed(str(address).split(".")))
     return ".".join(reversed(address.exploded.replace(":", "")))
-
-
-def _address(text: str) -> IPAddress | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
 
 
 def _listing(site: DnsListSite, reply: ipaddress.IPv4Address) -> str:

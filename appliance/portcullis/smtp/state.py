@@ -265,6 +265,12 @@ class SmtpServer:
         if isinstance(event, StartTls) and reply.is_positive:
             self._in.clear()  # bytes pipelined after STARTTLS are discarded (CVE-2011-0411)
 
+    def close_with(self, reply: Reply) -> None:
+        """End the session from the application's side (a timeout, a ban) after `reply`."""
+        self._pending = None
+        self._queue(reply)
+        self._closing = True
+
     def hello_reply(self, event: Hello) -> Reply:
         """The positive answer to HELO, or to EHLO with the extensions we offer."""
         if not event.extended:

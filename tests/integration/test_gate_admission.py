@@ -59,7 +59,8 @@ def test_early_talker_refused_and_patient_client_served(backend, tmp_path):
 def test_per_ip_cap(backend, tmp_path):
     with GateProcess(tmp_path, backend, limits={"pregreet_delay": 0, "max_connections_per_ip": 3,
                                                 "max_connections_per_prefix": 100}) as gate:
-        with ExitStack() as held:
+        held = ExitStack()
+        with held:
             for _ in range(3):
                 sock = held.enter_context(open_idle(gate, "127.0.0.30"))
                 assert first_line(sock).startswith(b"220 ")
@@ -72,12 +73,12 @@ def test_per_ip_cap(backend, tmp_path):
 
 def test_per_prefix_cap(backend, tmp_path):
     with GateProcess(tmp_path, backend, limits={"pregreet_delay": 0, "max_connections_per_ip": 10,
-                                                "max_connections_per_prefix": 2}) as gate:
-        with open_idle(gate, "127.0.5.1") as a, open_idle(gate, "127.0.5.2") as b:
-            assert first_line(a).startswith(b"220") and first_line(b).startswith(b"220")
-            with open_idle(gate, "127.0.5.3") as c:
-                assert first_line(c).startswith(b"421 4.7.0")
-            assert deliver(gate, "127.0.6.1") == 250
+                                                "max_connections_per_prefix": 2}) as gate, \
+            open_idle(gate, "127.0.5.1") as a, open_idle(gate, "127.0.5.2") as b:
+        assert first_line(a).startswith(b"220") and first_line(b).startswith(b"220")
+        with open_idle(gate, "127.0.5.3") as c:
+            assert first_line(c).startswith(b"421 4.7.0")
+        assert deliver(gate, "127.0.6.1") == 250
 
 
 def test_per_ip_connection_rate(backend, tmp_path):
@@ -93,8 +94,8 @@ def test_per_ip_connection_rate(backend, tmp_path):
 
 def test_allowlist_skips_caps_and_pregreet(backend, tmp_path):
     with GateProcess(tmp_path, backend, allowlist=["127.0.0.50/32"],
-                     limits={"pregreet_delay": 5, "max_connections_per_ip": 1}) as gate:
-        with open_idle(gate, "127.0.0.50") as a, open_idle(gate, "127.0.0.50") as b:
+                     limits={"pregreet_delay": 5, "max_connections_per_ip": 1}) as gate, \
+            open_idle(gate, "127.0.0.50") as a, open_idle(gate, "127.0.0.50") as b:
             started = time.monotonic()
             assert first_line(a).startswith(b"220") and first_line(b).startswith(b"220")
             assert time.monotonic() - started < 2
@@ -105,7 +106,8 @@ def test_stress_mode_tightens_idle_timeout(backend, tmp_path):
             "pregreet_delay": 0, "max_connections": 10, "stress_threshold": 0.5,
             "stress_command_timeout": 3, "command_timeout": 30,
             "max_connections_per_ip": 20, "max_connections_per_prefix": 20}) as gate:
-        with ExitStack() as held:
+        held = ExitStack()
+        with held:
             for _ in range(4):  # below the threshold of 5: normal timeouts
                 assert first_line(held.enter_context(open_idle(gate, "127.0.0.60"))).startswith(b"220")
             with open_idle(gate, "127.0.0.61") as stressed:  # the fifth: stress mode
@@ -148,7 +150,7 @@ def test_sighup_reloads_without_dropping_connections(backend, tmp_path):
 
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "portcullis.cli", *args],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=60, check=False)
 
 
 def test_config_error_names_key_and_line_without_traceback(tmp_path):

@@ -1,0 +1,565 @@
+#!/usr/bin/env python3
+"""Portcullis against its peers, measured in the same run on the same machine.
+
+Throughput: Postfix's smtp-source sends through three targets, each relaying to its own
+Postfix smtp-sink: (a) Portcullis, (b) Postfix postscreen -> smtpd with a before-queue
+smtpd_proxy_filter, the same recipient list and no anvil limits, (c) smtp-sink directly
+(the ceiling). After a warm-up, rounds of runs alternate between the targets so that
+changing machine load hits all of them alike; it prints the median msgs/s at 20 and 100
+parallel sessions, the peak memory (PSS, summed over each target's processes) and the
+ratio Portcullis/Postfix.
+
+Idle connections: opens many silent connections from several 127.0.0.x addresses,
+counts which got a banner, a refusal or nothing, the memory per held connection, and
+how long a legitimate delivery from another address takes meanwhile.
+
+Usage: bench/throughput.py [--quick] [--messages N] [--rounds N] [--idle N] [--targets ...]
+(as root; `make bench` installs what it needs and runs it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import os
+import resource
+import selectors
+import shutil
+import smtplib
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from tests.support.postfix import PostfixInstance, free_port, port_accepts, wait_until
+
+DOMAIN = "example.test"
+USERS = ("alice", "bob", "carol")
+RECIPIENT = f"alice@{DOMAIN}"
+SENDER = "load@client.sender.test"
+HOST = "127.0.0.1"
+LEGIT_SOURCE = "127.0.0.250"  # the legitimate client of the idle test
+IDLE_SOURCES = [f"127.0.0.{n}" for n in range(2, 22)]  # where idle connections come from
+
+
+class NotRunnable(Exception):
+    """A target could not be started; the message says why."""
+
+
+# --- processes and memory ---------------------------------------------------------
+
+def process_tree(root: int) -> list[int]:
+    """root and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo += children.get(pid, [])
+    return tree
+
+
+def pss_bytes(root: int) -> int:
+    """Proportional set size of a process tree: shared pages counted once overall."""
+    total = 0
+    for pid in process_tree(root):
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for line in rollup.splitlines():
+            if line.startswith("Pss:"):
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+# --- the targets --------------------------------------------------------------------
+
+class SmtpSink:
+    """Postfix's smtp-sink on a free port, counting the messages it swallowed."""
+
+    def __init__(self, workdir: Path, name: str):
+        self.port = free_port(HOST)
+        self.output = workdir / f"sink-{name}.out"
+        with open(self.output, "wb") as output:
+            self.process = subprocess.Popen(
+                ["smtp-sink", "-c", "-u", "nobody", "-m", "2000", f"{HOST}:{self.port}", "2000"],
+                stdout=output, stderr=subprocess.STDOUT)
+        atexit.register(self.close)
+        wait_until(lambda: port_accepts(HOST, self.port), 10, "smtp-sink to listen")
+
+    def messages(self) -> int:
+        """Messages received so far (from smtp-sink's -c counter line)."""
+        counters = self.output.read_bytes().replace(b"\r", b"\n").split()
+        received = [word for word in counters if word.startswith(b"mesg=")]
+        return int(received[-1][5:]) if received else 0
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@dataclass
+class Target:
+    name: str
+    port: int
+    pid: int  # root of the process tree whose memory is measured
+    sink: SmtpSink
+    settle: float = 3.0  # seconds an idle connection may wait for its banner
+    close: Callable[[], None] = field(default=lambda: None, repr=False)
+
+
+def start_sink_target(workdir: Path) -> Target:
+    sink = SmtpSink(workdir, "direct")
+    return Target("smtp-sink directly", sink.port, sink.process.pid, sink, close=sink.close)
+
+
+def start_postfix_proxy(workdir: Path) -> Target:
+    """Postfix 3.7 postscreen -> smtpd -> before-queue smtpd_proxy_filter -> smtp-sink."""
+    sink = SmtpSink(workdir, "postfix")
+    port = free_port(HOST)
+    services = (f"{HOST}:{port} inet n - n - 1 postscreen\n"
+                "smtpd      pass  - - n - - smtpd\n"
+                "dnsblog    unix  - - n - 0 dnsblog\n"
+                "tlsproxy   unix  - - n - 0 tlsproxy\n"
+                "relay      unix  - - n - - smtp\n")
+    instance = PostfixInstance({}, services, name="postfix-proxy")
+    recipients = instance.postmap("relay_recipients", {f"{u}@{DOMAIN}": "OK" for u in USERS})
+    instance.postconf({
+        "mynetworks": "",  # the load counts as Internet traffic
+        "relay_domains": DOMAIN,
+        "relay_recipient_maps": recipients,
+        "relay_transport": f"relay:[{HOST}]:{sink.port}",  # used only if mail were queued
+        "smtpd_relay_restrictions": "reject_unauth_destination",
+        "smtpd_recipient_restrictions": "reject_unlisted_recipient",
+        "smtpd_proxy_filter": f"{HOST}:{sink.port}",
+        "smtpd_proxy_timeout": "100s",
+        "smtpd_peername_lookup": "yes",
+        "postscreen_greet_action": "enforce",
+        # One generator address: no anvil limits, and smtpd processes for 100 sessions.
+        "smtpd_client_connection_count_limit": "0",
+        "smtpd_client_connection_rate_limit": "0",
+        "smtpd_client_message_rate_limit": "0",
+        "smtpd_client_recipient_rate_limit": "0",
+        "postscreen_client_connection_count_limit": "0",
+        "default_process_limit": "200",
+    })
+    instance.start()
+    wait_until(lambda: port_accepts(HOST, port), 20, "postscreen to listen")
+
+    def close() -> None:
+        instance.close()
+        sink.close()
+    # postscreen makes a new address wait postscreen_greet_wait (6 s) before its banner.
+    return Target("Postfix postscreen+proxy", port, instance.master_pid(), sink, settle=9.0,
+                  close=close)
+
+
+def start_portcullis(workdir: Path, idle: int) -> Target:
+    """`portcullis serve` relaying to its own smtp-sink; NotRunnable if it cannot serve."""
+    executable = shutil.which("portcullis", path=f"{REPO}/.venv/bin:{os.environ['PATH']}")
+    if executable is None:
+        raise NotRunnable("no `portcullis` command (run scripts/install-deps test)")
+    sink = SmtpSink(workdir, "portcullis")
+    port = free_port(HOST)
+    recipients = workdir / "recipients"
+    recipients.write_text("".join(f"{user}@{DOMAIN}\n" for user in USERS))
+    caps = max(20_000, 2 * idle)  # one generator address: per-IP caps out of the way
+    config = {
+        "hostname": "portcullis.bench.test",
+        "listen": [f"{HOST}:{port}"],
+        "relay_domains": [DOMAIN],
+        "recipients": {"source": "static", "file": str(recipients)},
+        "backend": {"servers": [f"{HOST}:{sink.port}"]},
+        "allowlist": [],
+        "state_dir": str(workdir / "portcullis-state"),
+        "tls": {"enabled": False},
+        "reputation": {"store": "memory"},
+        "limits": {
+            "pregreet_delay": 0,
+            "max_connections": caps,
+            "max_connections_per_ip": caps,
+            "max_connections_per_prefix": caps,
+            "connection_rate_per_ip": 1_000_000.0,
+            "connection_burst_per_ip": 1_000_000,
+        },
+    }
+    (workdir / "portcullis-state").mkdir(exist_ok=True)
+    config_file = workdir / "portcullis.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    log_file = workdir / "portcullis.log"
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen([executable, "serve", "-c", str(config_file)],
+                                   stdout=log, stderr=subprocess.STDOUT)
+
+    def close() -> None:
+        errors = Counter(line.split(": ", 2)[-1][:100] for line in
+                         log_file.read_text(errors="replace").splitlines()
+                         if line.startswith(("ERROR", "CRITICAL")))
+        for text, how_many in errors.most_common(3):
+            print(f"    portcullis logged {how_many}x: {text}")
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(20)
+            except subprocess.TimeoutExpired:
+                for pid in process_tree(process.pid):
+                    os.kill(pid, 9)
+        sink.close()
+
+    def failed(reason: str) -> NotRunnable:
+        close()
+        tail = log_file.read_text(errors="replace").strip().splitlines()[-8:]
+        return NotRunnable(f"{reason}; its log ends:\n      " + "\n      ".join(tail))
+
+    try:
+        wait_until(lambda: process.poll() is not None or port_accepts(HOST, port), 20,
+                   "portcullis to listen")
+        if process.poll() is not None:
+            raise failed(f"`portcullis serve` exited with status {process.returncode}")
+        deliver(HOST, port, source=HOST, timeout=20)
+        wait_until(lambda: sink.messages() >= 1, 10, "the probe message at the sink")
+    except (OSError, smtplib.SMTPException, TimeoutError) as problem:
+        raise failed(f"a probe message did not get through: {problem!r}") from None
+    return Target("Portcullis", port, process.pid, sink, close=close)
+
+
+# --- throughput ------------------------------------------------------------------------
+
+@dataclass
+class Run:
+    messages: int
+    sessions: int
+    seconds: float
+    relayed: int  # messages the sink received during the run
+    peak_pss: int
+    error: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if not self.error else 0.0
+
+
+def smtp_source(target: Target, messages: int, sessions: int, timeout: float) -> Run:
+    """Send `messages` through the target with smtp-source, sampling its memory."""
+    command = ["smtp-source", "-4", "-M", "client.sender.test", "-l", "2048",
+               "-m", str(messages), "-s", str(sessions), "-r", "1",
+               "-f", SENDER, "-t", RECIPIENT, f"{HOST}:{target.port}"]
+    before = target.sink.messages()
+    peak = 0
+    with tempfile.TemporaryFile() as errors:
+        started = time.monotonic()
+        generator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
+        while generator.poll() is None and time.monotonic() - started < timeout:
+            peak = max(peak, pss_bytes(target.pid))
+            time.sleep(0.25)
+        seconds = time.monotonic() - started
+        if generator.poll() is None:
+            generator.kill()
+            generator.wait()
+            error = f"timed out after {timeout:.0f} s"
+        else:
+            errors.seek(0)
+            error = errors.read().decode(errors="replace").strip()[-300:]
+            error = error if generator.returncode != 0 else ""
+    # The sink counts a message when its "." arrives; allow the last ones a moment.
+    try:
+        wait_until(lambda: target.sink.messages() - before >= messages, 5, "the sink")
+    except TimeoutError:
+        error = error or "the sink received fewer messages than were sent"
+    return Run(messages, sessions, seconds, target.sink.messages() - before, peak, error)
+
+
+SESSIONS = (20, 100)
+
+
+def measure_throughput(targets: list[Target], messages: int, rounds: int
+                       ) -> dict[str, dict[int, list[Run]]]:
+    """Rounds of runs, the targets interleaved so that drifting machine load hits all alike."""
+    results: dict[str, dict[int, list[Run]]] = {t.name: {s: [] for s in SESSIONS} for t in targets}
+    for round_number in range(1, rounds + 1):
+        for sessions in SESSIONS:
+            for target in targets:
+                run = smtp_source(target, messages, sessions, timeout=600)
+                detail = f"  ERROR: {run.error}" if run.error else ""
+                print(f"  round {round_number}, {sessions:3} sessions, {target.name:26} "
+                      f"{run.rate:6.0f} msgs/s ({run.relayed}/{messages} at the sink, "
+                      f"{run.seconds:.1f} s){detail}", flush=True)
+                results[target.name][sessions].append(run)
+    return results
+
+
+# --- idle connections ----------------------------------------------------------------
+
+def deliver(host: str, port: int, source: str, timeout: float = 30) -> float:
+    """Send one message with smtplib from `source`; return the seconds it took end to end."""
+    message = (f"From: {SENDER}\r\nTo: {RECIPIENT}\r\nSubject: legitimate\r\n\r\n"
+               "hello\r\n").encode()
+    started = time.monotonic()
+    with smtplib.SMTP(host, port, timeout=timeout, source_address=(source, 0)) as client:
+        client.sendmail(SENDER, [RECIPIENT], message)
+    return time.monotonic() - started
+
+
+@dataclass
+class IdleResult:
+    opened: int
+    banners: int = 0
+    refused: int = 0  # 4xx/5xx greeting
+    closed: int = 0  # closed or reset without a reply
+    silent: int = 0  # no reply at all within the settle time
+    still_open: int = 0  # of the banners, connections still open after the delivery test
+    failed_connect: int = 0
+    pss_before: int = 0
+    pss_held: int = 0
+    latency: list[float] = field(default_factory=list)
+    latency_error: str = ""
+    refusals: Counter = field(default_factory=Counter)  # refusal text -> how many
+
+    def latency_text(self) -> str:
+        if not self.latency:
+            return f"failed: {self.latency_error}"
+        return f"{statistics.median(self.latency):.3f} s (median of {len(self.latency)})"
+
+
+def raise_fd_limit(wanted: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard == resource.RLIM_INFINITY else min(hard, max(soft, wanted))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def hold_idle_connections(target: Target, count: int) -> IdleResult:
+    """Open `count` silent connections, classify the first reply, measure while held."""
+    result = IdleResult(opened=0, pss_before=pss_bytes(target.pid))
+    selector = selectors.DefaultSelector()
+    sockets: list[socket.socket] = []
+    greetings: dict[int, bytes] = {}  # fd -> the greeting's last line, b"" if closed
+    partial: dict[int, bytes] = {}
+    try:
+        for number in range(count):
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.bind((IDLE_SOURCES[number % len(IDLE_SOURCES)], 0))
+                sock.connect_ex((HOST, target.port))
+            except OSError:
+                sock.close()
+                result.failed_connect += 1
+                continue
+            sockets.append(sock)
+            selector.register(sock, selectors.EVENT_READ)
+            if number % 500 == 499:  # let the server accept between bursts
+                _read_greetings(selector, greetings, partial, 0.05)
+        result.opened = len(sockets)
+        deadline = time.monotonic() + target.settle
+        while time.monotonic() < deadline and len(greetings) < len(sockets):
+            _read_greetings(selector, greetings, partial, 0.2)
+        welcomed = []
+        for sock in sockets:
+            greeting = greetings.get(sock.fileno())
+            if greeting is None:
+                result.silent += 1
+            elif greeting.startswith(b"2"):
+                result.banners += 1
+                welcomed.append(sock)
+            elif greeting[:1] in (b"4", b"5"):
+                result.refused += 1
+                result.refusals[greeting[:70].decode(errors="replace")] += 1
+            else:
+                result.closed += 1
+        result.pss_held = pss_bytes(target.pid)
+        try:
+            result.latency = [deliver(HOST, target.port, LEGIT_SOURCE) for _ in range(3)]
+        except (OSError, smtplib.SMTPException) as problem:
+            result.latency_error = repr(problem)
+        result.still_open = sum(_open_and_quiet(sock) for sock in welcomed)
+    finally:
+        selector.close()
+        for sock in sockets:
+            sock.close()
+    return result
+
+
+def _open_and_quiet(sock: socket.socket) -> bool:
+    """True if the server has neither closed the connection nor said more since."""
+    try:
+        sock.recv(1, socket.MSG_PEEK)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False  # closed, or the server said more (a timeout, a 421)
+
+
+def _read_greetings(selector: selectors.BaseSelector, greetings: dict[int, bytes],
+                    partial: dict[int, bytes], timeout: float) -> None:
+    """Read what readable sockets sent; a greeting is complete at its last line ("220 ...").
+
+    postscreen sends a "220-" first line and holds the rest back, so only the last line
+    of a multi-line reply says whether the client was let in.
+    """
+    for key, _ in selector.select(timeout):
+        sock, fd = key.fileobj, key.fd
+        try:
+            data = sock.recv(4096)
+        except OSError:
+            data = b""
+        received = partial.get(fd, b"") + data
+        last_lines = [line for line in received.split(b"\r\n")[:-1] if line[3:4] != b"-"]
+        if not data or last_lines:
+            greetings[fd] = last_lines[0] if last_lines else b""
+            selector.unregister(sock)
+        else:
+            partial[fd] = received
+
+
+def measure_idle(target: Target, count: int) -> IdleResult:
+    print(f"  {target.name}: holding {count} idle connections...", flush=True)
+    deliver(HOST, target.port, LEGIT_SOURCE, timeout=30)  # postscreen: pass once, cached
+    result = hold_idle_connections(target, count)
+    print(f"  {target.name}: {result.banners} banners, {result.refused} refused, "
+          f"{result.closed} closed, {result.silent} silent, {result.failed_connect} not "
+          f"opened; {result.still_open} still open at the end; legitimate delivery "
+          f"meanwhile: {result.latency_text()}", flush=True)
+    for text, how_many in result.refusals.most_common(3):
+        print(f"    {how_many} refused with: {text}")
+    time.sleep(1)  # let the server notice the closes before the next test
+    return result
+
+
+# --- report ------------------------------------------------------------------------------
+
+def mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MB"
+
+
+def print_report(results: dict[str, dict[int, list[Run]]], idle: dict[str, IdleResult]) -> None:
+    print("\n=== throughput, msgs/s: median (min-max) over rounds; smtp-source -l 2048 -r 1; "
+          "every target relays to its own smtp-sink ===")
+    print(f"{'target':26} {'20 sessions':>20} {'100 sessions':>20} {'peak PSS 20/100':>17}")
+    medians: dict[str, list[float]] = {}
+    for name, by_sessions in results.items():
+        cells, peaks = [], []
+        for sessions in SESSIONS:
+            rates = [run.rate for run in by_sessions[sessions]]
+            medians.setdefault(name, []).append(statistics.median(rates))
+            cells.append(f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})"
+                         + ("!" if any(run.error for run in by_sessions[sessions]) else ""))
+            peaks.append(mib(max(run.peak_pss for run in by_sessions[sessions])))
+        print(f"{name:26} {cells[0]:>20} {cells[1]:>20} {' / '.join(peaks):>17}")
+    ours, peer = medians.get("Portcullis"), medians.get("Postfix postscreen+proxy")
+    if ours and peer:
+        ratios = [f"{a / b:.2f}" if a and b else "n/a" for a, b in zip(ours, peer, strict=True)]
+        print(f"{'ratio Portcullis/Postfix':26} {ratios[0]:>20} {ratios[1]:>20}")
+    print("(! = a run failed; its error is printed above)")
+    if idle:
+        print("\n=== idle connections (silent clients from "
+              f"{IDLE_SOURCES[0]}-{IDLE_SOURCES[-1]}; banner = a complete 2xx greeting) ===")
+        print(f"{'target':26} {'opened':>7} {'banner':>7} {'held':>7} {'refused':>8} "
+              f"{'silent':>7} {'PSS idle->held':>15} {'KiB/banner':>10}  legitimate delivery")
+        for name, result in idle.items():
+            per_banner = (result.pss_held - result.pss_before) / max(result.banners, 1) / 1024
+            memory = f"{mib(result.pss_before)}->{mib(result.pss_held)}"
+            print(f"{name:26} {result.opened:7} {result.banners:7} {result.still_open:7} "
+                  f"{result.refused:8} {result.silent:7} {memory:>15} {per_banner:10.1f}  "
+                  f"{result.latency_text()}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--messages", type=int, help="messages per measured run (3000)")
+    parser.add_argument("--rounds", type=int, help="measured runs per figure (3)")
+    parser.add_argument("--warmup", type=int, help="warm-up messages per target (500)")
+    parser.add_argument("--idle", type=int, help="idle connections to hold (10000)")
+    parser.add_argument("--idle-peer", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the idle test against the Postfix peer")
+    parser.add_argument("--targets", default="sink,postfix,portcullis",
+                        help="comma-separated subset of sink,postfix,portcullis")
+    parser.add_argument("--quick", action="store_true",
+                        help="short run: 1 round of 1000 messages, 200 warm-up, 1000 idle")
+    args = parser.parse_args()
+    defaults = (1000, 200, 1000, 1) if args.quick else (3000, 500, 10_000, 3)
+    for name, default in zip(("messages", "warmup", "idle", "rounds"), defaults, strict=True):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    for tool in ("smtp-source", "smtp-sink", "postfix"):
+        if shutil.which(tool, path=f"/usr/sbin:{os.environ['PATH']}") is None:
+            sys.exit(f"bench: {tool} not found: apt-get install postfix "
+                     "(scripts/install-deps test bench)")
+    if os.geteuid() != 0:
+        sys.exit("bench: run as root (private Postfix instances, smtp-sink -u nobody)")
+    os.environ["PATH"] = f"/usr/sbin:{os.environ['PATH']}"
+    fd_limit = raise_fd_limit(args.idle + 1000)  # inherited by the targets started below
+    if fd_limit < args.idle + 100:
+        print(f"bench: open-file limit is {fd_limit}; holding {fd_limit - 200} idle connections")
+        args.idle = fd_limit - 200
+
+    print(f"bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
+          f"{args.rounds} rounds of {args.messages} messages, {args.idle} idle connections",
+          flush=True)
+    idle: dict[str, IdleResult] = {}
+    with tempfile.TemporaryDirectory(prefix="portcullis-bench-") as workdir:
+        workdir = Path(workdir)
+        workdir.chmod(0o755)
+        starters = {
+            "sink": ("smtp-sink directly", lambda: start_sink_target(workdir), False),
+            "postfix": ("Postfix postscreen+proxy", lambda: start_postfix_proxy(workdir),
+                        args.idle_peer),
+            "portcullis": ("Portcullis", lambda: start_portcullis(workdir, args.idle), True),
+        }
+        unknown = set(args.targets.split(",")) - set(starters)
+        if unknown:
+            sys.exit(f"bench: unknown target(s) {', '.join(unknown)}; known: "
+                     f"{', '.join(starters)}")
+        running: list[tuple[Target, bool]] = []
+        try:
+            for key in args.targets.split(","):
+                name, start, idle_test = starters[key]
+                try:
+                    target = start()
+                except NotRunnable as reason:
+                    print(f"\nNOT MEASURED: {name} is not runnable: {reason}", flush=True)
+                    continue
+                print(f"{name}: started; warm-up with {args.warmup} messages", flush=True)
+                smtp_source(target, args.warmup, 20, timeout=300)
+                running.append((target, idle_test))
+            results = measure_throughput([target for target, _ in running], args.messages,
+                                         args.rounds)
+            while running:
+                target, idle_test = running.pop(0)
+                try:
+                    if idle_test and args.idle > 0:
+                        idle[target.name] = measure_idle(target, args.idle)
+                except (OSError, smtplib.SMTPException, TimeoutError) as problem:
+                    print(f"  {target.name}: idle test failed: {problem!r}", flush=True)
+                finally:
+                    target.close()
+        finally:
+            for target, _ in running:
+                target.close()
+    print_report(results, idle)
+    print(f"\nload average at the end {os.getloadavg()[0]:.2f} "
+          "(other work on this machine makes every figure noisy)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+# The appliance image (vm/, packer/): build it, make seed disks, try it, test it end to end.
+#   make image                      build/portcullis-VERSION.qcow2 and .iso, build/SHA256SUMS
+#   make seed CONFIG=site.yaml      a seed disk (SEED=build/seed.iso by default)
+#   make run BACKEND=host:port SEED=build/seed.iso    the image in QEMU, port 25 on SMTP_PORT
+#   make verify                     boot the image, run the testinfra suite (tests/image)
+#   make box                        a Vagrant box (libvirt) from the qcow2
+.PHONY: image image-deps seed run verify box test-image
+
+IMAGE_VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE := build/portcullis-$(IMAGE_VERSION).qcow2
+IMAGE_ISO := build/portcullis-$(IMAGE_VERSION).iso
+SEED ?= build/seed.iso
+SMTP_PORT ?= 2525
+SSH_PORT ?= 2222
+
+image-deps:
+	scripts/install-deps image ansible
+
+image: image-deps wheelhouse
+	vm/build-image
+
+seed:
+	@test -n "$(CONFIG)" || { echo "usage: make seed CONFIG=site.yaml [SEED=$(SEED)]" >&2; exit 2; }
+	$(PY) scripts/make-seed $(CONFIG) $(SEED)
+
+run:
+	@test -n "$(BACKEND)" || { echo "usage: make run BACKEND=host:port SEED=$(SEED)" >&2; exit 2; }
+	@test -f $(IMAGE) || { echo "no $(IMAGE): run make image first" >&2; exit 2; }
+	@test -f $(SEED) || { echo "no seed $(SEED): make seed CONFIG=site.yaml first" >&2; exit 2; }
+	@echo "Booting $(IMAGE) (writes are discarded at exit). Once the console shows the login prompt:"
+	@echo "  SMTP: swaks --server 127.0.0.1:$(SMTP_PORT) --to someone@your.domain"
+	@echo "  SSH:  ssh -p $(SSH_PORT) admin@127.0.0.1   (a key from the seed's admin_keys)"
+	@echo "  The appliance sees the mail server $(BACKEND) as 10.0.2.100:25: list that in backend.servers."
+	@echo "  Quit QEMU with Ctrl-A X."
+	vm/boot --disk $(IMAGE) --snapshot --seed $(SEED) --backend $(BACKEND) \
+		--smtp-port $(SMTP_PORT) --ssh-port $(SSH_PORT)
+
+verify: image-deps
+	$(PY) -m pytest -q tests/e2e/test_hardening.py
+
+box:
+	scripts/make-box $(IMAGE) build/portcullis-$(IMAGE_VERSION)-libvirt.box
+
+# End to end: the image built from scratch, booted with a seed, in front of a real Postfix.
+test-image: image
+	$(PY) -m pytest -q tests/e2e
+
+EXTRA_TESTS += test-image
+# The Makefile reads mk/*.mk after its `test:` rule, so name the prerequisite here too.
+test: test-image

@@ -1,0 +1,170 @@
+"""A Portcullis appliance booted under QEMU (vm/boot) for the end-to-end tests.
+
+Its Internet side has two clients: the host's ports `smtp_port` (the guest sees
+10.0.2.2) and `second_smtp_port` (10.0.4.2). Its management side forwards `ssh_port`.
+The backend mail server on the host appears to it as 10.0.2.100:25.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.postfix import free_port
+
+TOP = Path(__file__).resolve().parents[2]
+BOOT = TOP / "vm" / "boot"
+BUILD_KEY = TOP / "build" / "cache" / "id_build"
+BACKEND_AS_SEEN_BY_GUEST = "10.0.2.100:25"
+ADMIN = "admin"
+
+
+def image_version() -> str:
+    import tomllib
+    return tomllib.loads((TOP / "pyproject.toml").read_text())["project"]["version"]
+
+
+def built(suffix: str) -> Path:
+    """build/portcullis-VERSION.<suffix>, or an error saying how to make it."""
+    path = TOP / "build" / f"portcullis-{image_version()}.{suffix}"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run `make image` first")
+    return path
+
+
+def read_banner(port: int, timeout: float = 10.0) -> bytes:
+    """The first line the appliance sends on 127.0.0.1:port, b"" if none in time."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as conn:
+            conn.settimeout(timeout)
+            return conn.recv(512)
+    except OSError:
+        return b""
+
+
+class Appliance:
+    def __init__(self, workdir: Path, *, disk: Path | None = None, iso: Path | None = None,
+                 seed: Path | None = None, backend: str | None = None, uefi: bool = False):
+        self.workdir = workdir
+        self.serial_log = workdir / "console.log"
+        self.smtp_port, self.second_smtp_port, self.ssh_port = free_port(), free_port(), free_port()
+        argv = [str(BOOT), "--serial-log", str(self.serial_log), "--smtp-port", str(self.smtp_port),
+                "--second-client-port", str(self.second_smtp_port), "--ssh-port", str(self.ssh_port)]
+        if disk:
+            argv += ["--disk", str(disk), "--snapshot"]
+        if iso:
+            argv += ["--iso", str(iso)]
+        if seed:
+            argv += ["--seed", str(seed)]
+        if backend:
+            argv += ["--backend", backend]
+        if uefi:
+            argv.append("--uefi")
+        self.argv = argv
+        self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        self.started_at = time.monotonic()
+        self.qemu_errors = open(self.workdir / "qemu.err", "w")
+        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                        stdout=self.qemu_errors, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process:
+            self.qemu_errors.close()
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    # --- waiting ------------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"QEMU exited ({self.process.returncode}): "
+                               f"{(self.workdir / 'qemu.err').read_text()[-2000:]}")
+
+    def console(self) -> str:
+        return self.serial_log.read_text(errors="replace") if self.serial_log.exists() else ""
+
+    def wait_for_console(self, text: str, timeout: float) -> float:
+        """Seconds since start when `text` appeared on the serial console."""
+        deadline = time.monotonic() + timeout
+        while text not in self.console():
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"'{text}' not on the console within {timeout} s; "
+                                   f"console tail:\n{self.console()[-3000:]}")
+            time.sleep(1)
+        return time.monotonic() - self.started_at
+
+    def wait_for_banner(self, timeout: float, port: int | None = None) -> float:
+        """Seconds since start when the SMTP banner (220) first came."""
+        deadline = time.monotonic() + timeout
+        while not read_banner(port or self.smtp_port, timeout=5).startswith(b"220"):
+            self._check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no SMTP banner within {timeout} s; console tail:\n"
+                                   f"{self.console()[-3000:]}")
+            time.sleep(2)
+        return time.monotonic() - self.started_at
+
+    # --- administration -----------------------------------------------------------
+
+    def ssh_argv(self) -> list[str]:
+        return ["ssh", "-i", str(BUILD_KEY), "-p", str(self.ssh_port), "-o", "BatchMode=yes",
+                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", f"{ADMIN}@127.0.0.1"]
+
+    def ssh(self, command: str, timeout: float = 60, check: bool = True) -> str:
+        """Run a command as the administrator (prefix sudo for root); its stdout."""
+        result = subprocess.run(self.ssh_argv() + [command], capture_output=True, text=True,
+                                timeout=timeout)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"ssh {command!r} failed ({result.returncode}): {result.stderr}")
+        return result.stdout
+
+    def wait_for_ssh(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                self.ssh("true", timeout=20)
+                return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no SSH login as {ADMIN} within {timeout} s") from None
+                time.sleep(3)
+
+    def reboot(self) -> None:
+        """Reboot the guest (QEMU stays: --snapshot writes survive) and mark the time."""
+        self.ssh("sudo systemctl reboot", check=False, timeout=30)
+        # The old system must be gone before waiting for the new one's banner.
+        deadline = time.monotonic() + 120
+        while read_banner(self.second_smtp_port, timeout=3).startswith(b"220"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the appliance did not go down for the reboot")
+            time.sleep(1)
+        self.started_at = time.monotonic()
+
+
+def require_tools() -> None:
+    for tool, package in (("qemu-system-x86_64", "qemu-system-x86"), ("ssh", "openssh-client"),
+                          ("swaks", "swaks"), ("xorriso", "xorriso")):
+        if shutil.which(tool) is None:
+            raise RuntimeError(f"'{tool}' not found: apt-get install {package} "
+                               "(deps/apt-image.txt; scripts/install-deps image)")
