@@ -16,9 +16,11 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 # Internal services every instance needs. chroot is off everywhere ("n"), so nothing
@@ -87,8 +89,11 @@ class PostfixInstance:
     call start() and close(); close() also runs at interpreter exit as a safety net.
     """
 
-    def __init__(self, settings: dict[str, str], services: str, name: str = "postfix"):
+    def __init__(self, settings: dict[str, str], services: str, name: str = "postfix",
+                 run_in: Sequence[str] = ()):
+        """run_in: a command prefix for the daemons, e.g. `ip netns exec NS` (netns.prefix)."""
         _require_postfix()
+        self.run_in = list(run_in)
         self.root = Path(tempfile.mkdtemp(prefix=f"portcullis-{name}-"))
         self.root.chmod(0o755)  # Postfix daemons run as the postfix user and must enter it
         self.config_dir = self.root / "etc"
@@ -158,7 +163,7 @@ class PostfixInstance:
         return f"hash:{path}"
 
     def postfix(self, command: str, check: bool = True) -> str:
-        return self._run("postfix", "-c", str(self.config_dir), command, check=check)
+        return self._run(*self.run_in, "postfix", "-c", str(self.config_dir), command, check=check)
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -287,11 +292,12 @@ class PostfixBackend(PostfixInstance):
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None,
-                 domain: str = "example.test", users=("alice", "bob", "carol")):
+                 domain: str = "example.test", users=("alice", "bob", "carol"),
+                 run_in: Sequence[str] = ()):
         self.host, self.port = host, port or free_port(host)
         self.domain, self.users = domain, tuple(users)
         listen = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
-        super().__init__({}, f"{listen} inet n - n - - smtpd\n", name="backend")
+        super().__init__({}, f"{listen} inet n - n - - smtpd\n", name="backend", run_in=run_in)
         self.mailbox_base = self.root / "mailboxes"
         self.mailbox_base.mkdir()
         owner = pwd.getpwnam("nobody")
@@ -319,7 +325,13 @@ class PostfixBackend(PostfixInstance):
         return [f"{user}@{self.domain}" for user in self.users]
 
     def ready(self) -> bool:
-        return super().ready() and port_accepts(self.host, self.port)
+        if not super().ready():
+            return False
+        if not self.run_in:
+            return port_accepts(self.host, self.port)
+        probe = f"import socket; socket.create_connection(({self.host!r}, {self.port}), 1)"
+        return subprocess.run([*self.run_in, sys.executable, "-c", probe], check=False,
+                              capture_output=True, timeout=10).returncode == 0
 
     def set_mode(self, mode: str) -> None:
         """Switch to one of MODES, effective for every connection opened afterwards."""
