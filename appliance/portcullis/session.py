@@ -8,6 +8,7 @@ client's final answer is the backend's. Nothing is queued here.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import ssl
@@ -19,6 +20,8 @@ from . import metrics
 from .config import Config
 from .policy import Lookup
 from .policy.dha import DhaEngine, Verdict
+from .policy.dns_checks import DnsChecker
+from .policy.findings import Action, Finding, strongest_action
 from .policy.score import ConnectionScore, Signal
 from .smtp import commands, replies
 from .smtp import state as smtp
@@ -30,6 +33,10 @@ log = logging.getLogger("portcullis.session")
 READ_SIZE = 65536
 
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
+CLIENT_REJECTED = Reply(554, "5.7.1", "Client host rejected")
+CLIENT_TEMPFAILED = Reply(450, "4.7.1", "Client host check failed, try again later")
+HELO_REJECTED = Reply(550, "5.7.1", "HELO/EHLO name rejected")
+HELO_TEMPFAILED = Reply(450, "4.7.1", "HELO/EHLO name check failed, try again later")
 UNKNOWN_RECIPIENT = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 DIRECTORY_TEMPFAIL = Reply(451, "4.4.3", "Recipient directory temporarily unavailable, try later")
 BACKEND_DOWN = Reply(451, "4.4.1", "Mail server temporarily unavailable, try later")
@@ -55,6 +62,7 @@ class Services:
     tls: ssl.SSLContext | None
     tally: metrics.Tally
     dha: DhaEngine
+    dns: DnsChecker
     limits: smtp.ProtocolLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -120,6 +128,12 @@ class Session:
         self.score = ConnectionScore(self.config.score)
         if client.pregreet_failed:
             self.score.add(Signal.PREGREET)
+        # DNS checks run while the client talks, for Internet clients only: private,
+        # loopback and allowlisted addresses have no public DNS reputation.
+        self.client_checks: asyncio.Future | None = None
+        if not client.allowlisted and ipaddress.ip_address(client.ip).is_global:
+            self.client_checks = asyncio.ensure_future(services.dns.check_client(client.ip))
+        self.client_refusal: tuple[Reply, str] | None = None  # for every RCPT, from checks
         self.bytes_in = 0
         self.data_started = 0.0
         self.data_bytes = 0
@@ -139,6 +153,8 @@ class Session:
             log.debug("client %s: %s", self.client.ip, e)
         finally:
             await self._end_transaction(aborted=True)
+            if self.client_checks is not None:
+                self.client_checks.cancel()
             await self._close()
             self._log_line()
 
@@ -200,11 +216,51 @@ class Session:
     async def _on_hello(self, event: smtp.Hello) -> None:
         await self._end_transaction(aborted=True)
         self.helo = event.name
+        if not self.client.allowlisted:
+            local = self.writer.get_extra_info("sockname") or ("",)
+            findings = self.services.dns.check_helo(
+                event.name, self.client.ip, [self.config.hostname], [local[0]])
+            action = self._apply_findings(findings)
+            if action is None:
+                return
+            if action is Action.REJECT:
+                self._respond(HELO_REJECTED)
+                return
+            if action is Action.TEMPFAIL:
+                self._respond(HELO_TEMPFAILED)
+                return
         self._respond(self.core.hello_reply(event))
 
     async def _on_mail(self, event: smtp.Mail) -> None:
+        if self.client_checks is not None:
+            findings, self.client_checks = await self.client_checks, None
+            action = self._apply_findings(findings)
+            if action is None:
+                return
+            label = next((f.label for f in findings if f.action is action), "")
+            if action is Action.REJECT:
+                self.client_refusal = CLIENT_REJECTED, label
+            elif action is Action.TEMPFAIL:
+                self.client_refusal = CLIENT_TEMPFAILED, label
         self.transaction = Transaction(event.sender.address, event.sender)
         self._respond(replies.SENDER_OK)
+
+    def _apply_findings(self, findings: list[Finding]) -> Action | None:
+        """Log every finding and add the scored ones. Return the strongest action, or
+        None when the score reached a ban and the pending command was answered 421."""
+        scored = False
+        for finding in findings:
+            self._reason(finding.label)
+            if finding.action is Action.SCORE and finding.signal is not None:
+                self.score.add(finding.signal)
+                scored = True
+        if scored:
+            verdict = self.services.dha.after_signal(self.client.ip, self.score)
+            self._note(verdict)
+            if verdict.disconnect:
+                self._respond(verdict.reply)
+                return None
+        return strongest_action(findings)
 
     async def _on_rcpt(self, event: smtp.Rcpt) -> None:
         transaction = self.transaction
@@ -226,6 +282,8 @@ class Session:
         """
         if not self.config.is_relay_domain(commands.domain_of(address)):
             return RELAY_DENIED, "RELAY_DENIED"
+        if self.client_refusal is not None:
+            return self.client_refusal
         dha = self.services.dha
         verdict = dha.before_rcpt(self.client.ip, self.score)
         self._note(verdict)

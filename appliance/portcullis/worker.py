@@ -15,6 +15,7 @@ from .firewall import BanClient
 from .metrics import Tally
 from .policy import reputation
 from .policy.dha import DhaEngine
+from .policy.dns_checks import DnsChecker
 from .policy.recipients import StaticRecipients
 from .session import Client, Services, Session
 from .upstream import BackendPool
@@ -27,8 +28,8 @@ SHUTDOWN_GRACE = 10.0
 
 def recipient_directory(config: Config):
     if config.recipients.source == "ldap":
-        from .policy.ldap_directory import LdapDirectory
-        return LdapDirectory(config.recipients.ldap)
+        from .policy.ldap_directory import LdapRecipientDirectory
+        return LdapRecipientDirectory(config.recipients.ldap)
     return StaticRecipients(config.recipients.file)
 
 
@@ -52,6 +53,7 @@ class WorkerProcess:
             tls=tls.server_context(config.tls, config.hostname),
             tally=self.tally,
             dha=DhaEngine(config, self.store, self.bans.request_ban if self.bans else None),
+            dns=DnsChecker(config.dns),
         )
 
     async def run(self) -> None:

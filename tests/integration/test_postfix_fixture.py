@@ -56,8 +56,14 @@ def test_stopped_backend_refuses_connections_and_restarts(postfix_backend):
     assert len(postfix_backend.wait_for("bob", 1)) == 1
 
 
-def test_reset_between_tests_leaves_empty_mailboxes(postfix_backend):
-    assert all(postfix_backend.messages(user) == [] for user in postfix_backend.users)
+def test_reset_empties_mailboxes_and_restores_normal_mode(postfix_backend):
+    send(postfix_backend, ["carol@example.test"])
+    postfix_backend.wait_for("carol", 1)
+    postfix_backend.set_mode("tempfail_rcpt")
+    postfix_backend.reset()
+    assert postfix_backend.messages("carol") == []
+    send(postfix_backend, ["carol@example.test"])
+    assert len(postfix_backend.wait_for("carol", 1)) == 1
 
 
 def test_blackhole_accepts_and_never_answers():

@@ -95,6 +95,9 @@ class PostfixInstance:
         _require_postfix()
         self.run_in = list(run_in)
         self.root = Path(tempfile.mkdtemp(prefix=f"portcullis-{name}-"))
+        self.running = False
+        self._closed = False
+        atexit.register(self.close)  # a crashed run must leave no Postfix and no directory
         self.root.chmod(0o755)  # Postfix daemons run as the postfix user and must enter it
         self.config_dir = self.root / "etc"
         self.queue_dir = self.root / "queue"
@@ -127,9 +130,6 @@ class PostfixInstance:
             "relay_transport": "retry:4.3.0 test instance sends no outbound mail",
             **settings,
         })
-        self.running = False
-        self._closed = False
-        atexit.register(self.close)  # a crashed test run must not leave a Postfix behind
 
     # --- commands -------------------------------------------------------------------
 

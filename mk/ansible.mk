@@ -1,0 +1,26 @@
+# Ansible roles (ansible/): wheels for the box, lint, and the molecule scenario that
+# converges site.yml in a chroot and verifies the booted result with testinfra.
+.PHONY: ansible-deps wheelhouse lint-ansible test-ansible
+
+ANSIBLE_DIR := ansible
+WHEELHOUSE := build/wheelhouse
+
+ansible-deps:
+	scripts/install-deps ansible image
+
+# The gate and its dependencies as wheels, built here: the box has no compiler.
+wheelhouse:
+	rm -rf $(WHEELHOUSE)
+	SOURCE_DATE_EPOCH=$$(git log -1 --format=%ct 2>/dev/null || echo 315532800) \
+	    $(VENV)/bin/pip wheel -q --wheel-dir $(WHEELHOUSE) ".[fast]"
+
+lint-ansible: ansible-deps
+	cd $(ANSIBLE_DIR) && yamllint --strict . && ansible-lint --offline --profile production
+
+# molecule: destroy, syntax, create, converge (chroot), idempotence, verify (QEMU +
+# testinfra + Lynis), destroy.
+test-ansible: ansible-deps wheelhouse
+	cd $(ANSIBLE_DIR) && molecule test
+
+lint: lint-ansible
+EXTRA_TESTS += test-ansible
