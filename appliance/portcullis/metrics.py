@@ -19,6 +19,8 @@ RELAYED = "relayed"
 RELAYED_BYTES = "relayed_bytes"
 BACKEND_ERRORS = "backend_errors"
 SESSIONS = "sessions"
+DIRECTORY_CACHE_HITS = "directory_cache_hits"
+DIRECTORY_CACHE_MISSES = "directory_cache_misses"
 
 
 class Tally:
@@ -28,7 +30,8 @@ class Tally:
         self.counts: Counter[str] = Counter()
 
     def add(self, key: str, amount: int = 1) -> None:
-        self.counts[key] += amount
+        if amount:
+            self.counts[key] += amount
 
     def reason(self, label: str) -> None:
         self.counts["reason:" + label] += 1
@@ -58,6 +61,12 @@ class Registry:
             registry=self.registry)
         self.sessions = PromCounter(
             "portcullis_sessions", "SMTP sessions served by workers", registry=self.registry)
+        self.directory_cache_hits = PromCounter(
+            "portcullis_directory_cache_hits", "Recipient lookups answered from the cache",
+            registry=self.registry)
+        self.directory_cache_misses = PromCounter(
+            "portcullis_directory_cache_misses", "Recipient lookups that asked the directory",
+            registry=self.registry)
         self.active = Gauge(
             "portcullis_active_connections", "Connections open now", registry=self.registry)
         self.stress = Gauge(
@@ -67,6 +76,8 @@ class Registry:
             RELAYED_BYTES: self.relayed_bytes,
             BACKEND_ERRORS: self.backend_errors,
             SESSIONS: self.sessions,
+            DIRECTORY_CACHE_HITS: self.directory_cache_hits,
+            DIRECTORY_CACHE_MISSES: self.directory_cache_misses,
         }
 
     def merge(self, counts: dict[str, int]) -> None:

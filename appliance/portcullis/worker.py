@@ -9,7 +9,7 @@ import signal
 import socket
 
 from . import config as configuration
-from . import tls
+from . import metrics, tls
 from .config import Config, ConfigError
 from .firewall import BanClient
 from .metrics import Tally
@@ -39,6 +39,7 @@ class WorkerProcess:
         self.control = control
         self.loop = asyncio.get_event_loop()
         self.tally = Tally()
+        self._directory_counts = (0, 0)  # cache hits and misses already reported
         self.done: list[int] = []
         self.sessions: set[asyncio.Task] = set()
         self.store = reputation.open_store(config)
@@ -84,7 +85,9 @@ class WorkerProcess:
             log.error("reload refused, keeping the running configuration: %s", e)
             return
         old = self.services
+        self._tally_directory()
         self.services = services  # new sessions use it; running ones finish with theirs
+        self._directory_counts = (0, 0)
         old.recipients.close()
         log.info("configuration reloaded")
 
@@ -130,7 +133,17 @@ class WorkerProcess:
             await asyncio.sleep(REPORT_INTERVAL)
             self._report()
 
+    def _tally_directory(self) -> None:
+        """Add the directory's cache hits and misses since the last report (LDAP only)."""
+        directory = self.services.recipients
+        hits, misses = getattr(directory, "cache_hits", 0), getattr(directory, "cache_misses", 0)
+        seen_hits, seen_misses = self._directory_counts
+        self.tally.add(metrics.DIRECTORY_CACHE_HITS, hits - seen_hits)
+        self.tally.add(metrics.DIRECTORY_CACHE_MISSES, misses - seen_misses)
+        self._directory_counts = (hits, misses)
+
     def _report(self) -> None:
+        self._tally_directory()
         report: dict = {}
         if self.done:
             report["done"], self.done = self.done, []
