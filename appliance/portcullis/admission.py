@@ -13,6 +13,7 @@ import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass
 
+from .addresses import TokenBucket, canonical, prefix_of
 from .config import Config
 
 
@@ -25,14 +26,6 @@ class Verdict:
 ADMIT = Verdict("")
 
 
-class TokenBucket:
-    __slots__ = ("stamp", "tokens")
-
-    def __init__(self, tokens: float, stamp: float):
-        self.tokens = tokens
-        self.stamp = stamp
-
-
 class ConnectionTable:
     """Open connections per client and per prefix, new-connection rates, pre-greet passes."""
 
@@ -41,11 +34,11 @@ class ConnectionTable:
         self.total = 0
         self.per_ip: dict[str, int] = defaultdict(int)
         self.per_prefix: dict[str, int] = defaultdict(int)
-        self.buckets: dict[str, TokenBucket] = {}
         self.pregreet_passed: dict[str, float] = {}  # ip -> expiry
         self.pregreet_failed: dict[str, float] = {}  # ip -> expiry: suspicious until then
 
     def configure(self, config: Config) -> None:
+        self.buckets: dict[str, TokenBucket] = {}  # rates may have changed
         self.config = config
         self.limits = config.limits
         self.allowlist = config.allowlist
@@ -63,11 +56,7 @@ class ConnectionTable:
         return any(address in network for network in self.allowlist)
 
     def prefix_of(self, ip: str) -> str:
-        address = ipaddress.ip_address(ip)
-        if address.version == 6 and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        bits = self.limits.ipv4_prefix if address.version == 4 else self.limits.ipv6_prefix
-        return str(ipaddress.ip_network(f"{address}/{bits}", strict=False))
+        return prefix_of(canonical(ip), self.limits.ipv4_prefix, self.limits.ipv6_prefix)
 
     @property
     def stressed(self) -> bool:
@@ -105,18 +94,12 @@ class ConnectionTable:
         return ADMIT
 
     def _take_token(self, ip: str, now: float) -> bool:
-        burst = self.limits.connection_burst_per_ip
         bucket = self.buckets.get(ip)
         if bucket is None:
-            bucket = self.buckets[ip] = TokenBucket(burst, now)
-        else:
-            refill = (now - bucket.stamp) * self.limits.connection_rate_per_ip
-            bucket.tokens = min(burst, bucket.tokens + refill)
-            bucket.stamp = now
-        if bucket.tokens < 1:
-            return False
-        bucket.tokens -= 1
-        return True
+            limits = self.limits
+            bucket = self.buckets[ip] = TokenBucket(
+                limits.connection_rate_per_ip, limits.connection_burst_per_ip, now)
+        return bucket.take(now)
 
     def opened(self, ip: str, counted: bool) -> None:
         self.total += 1
@@ -132,9 +115,7 @@ class ConnectionTable:
 
     def prune(self, now: float) -> None:
         """Forget full token buckets and expired pre-greet passes (bounded memory)."""
-        burst = self.limits.connection_burst_per_ip
-        rate = self.limits.connection_rate_per_ip
-        for ip in [ip for ip, b in self.buckets.items() if b.tokens + (now - b.stamp) * rate >= burst]:
+        for ip in [ip for ip, bucket in self.buckets.items() if bucket.is_full(now)]:
             del self.buckets[ip]
         for remembered in (self.pregreet_passed, self.pregreet_failed):
             for ip in [ip for ip, expiry in remembered.items() if expiry < now]:

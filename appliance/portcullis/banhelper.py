@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 
 from . import config as config_module
+from .addresses import TokenBucket
 from .config import ConfigError
 
 log = logging.getLogger("portcullis.banhelper")
@@ -62,26 +63,6 @@ class Refusal(Exception):
 
     def __init__(self, reason: str, detail: str):
         super().__init__(f"ERR {reason}: {detail}")
-
-
-class TokenBucket:
-    """`rate` tokens per second, holding at most `burst`; each accepted request takes one."""
-
-    def __init__(self, rate: float, burst: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = rate
-        self.burst = burst
-        self.clock = clock
-        self._tokens = float(burst)
-        self._updated = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
-        self._updated = now
-        if self._tokens < 1:
-            return False
-        self._tokens -= 1
-        return True
 
 
 class RequestPolicy:
@@ -162,7 +143,8 @@ class BanHelper:
         self.settings = settings
         self.nft = nft
         self.policy = RequestPolicy(config)
-        self.bucket = TokenBucket(settings.rate, settings.burst, clock)
+        self.clock = clock
+        self.bucket = TokenBucket(settings.rate, settings.burst, clock())
         self._clients = asyncio.Semaphore(MAX_CLIENTS)
         self._nft_lock = asyncio.Lock()
 
@@ -196,7 +178,7 @@ class BanHelper:
         except Refusal as refusal:
             log.warning("refused %r: %s", line[:MAX_LINE], refusal)
             return str(refusal)
-        if not self.bucket.take():
+        if not self.bucket.take(self.clock()):
             log.warning("refused ban of %s: rate limited", address)
             return (f"ERR rate-limited: more than {self.settings.rate:g} bans per second "
                     f"(burst {self.settings.burst})")

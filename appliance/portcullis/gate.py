@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from . import config as configuration
 from . import tls
+from .addresses import canonical
 from .admission import ConnectionTable
 from .config import Config, ConfigError
 from .firewall import BanClient
@@ -231,7 +232,7 @@ class Gate:
                                      self._accept, listener)
                 return
             sock.setblocking(False)
-            self._admit(sock, _client_ip(peer[0]), peer[1])
+            self._admit(sock, str(canonical(peer[0])), peer[1])
 
     def _admit(self, sock: socket.socket, ip: str, port: int) -> None:
         now = time.monotonic()
@@ -329,10 +330,3 @@ class Gate:
             await asyncio.sleep(5)
             self.table.prune(time.monotonic())
             self.registry.stress.set(1 if self.table.stressed else 0)
-
-
-def _client_ip(address: str) -> str:
-    """The client's address, with IPv4-mapped IPv6 written as IPv4."""
-    if address.startswith("::ffff:") and "." in address:
-        return address[7:]
-    return address

@@ -257,13 +257,3 @@ def test_a_bad_set_name_fails_clearly(tmp_path, capsys):
         capsys.readouterr().err)
 
 
-def test_the_token_bucket_refills_at_its_rate():
-    from portcullis.banhelper import TokenBucket
-
-    now = [0.0]
-    bucket = TokenBucket(rate=2.0, burst=3, clock=lambda: now[0])
-    assert [bucket.take() for _ in range(4)] == [True, True, True, False]
-    now[0] = 0.5  # one token back
-    assert [bucket.take() for _ in range(2)] == [True, False]
-    now[0] = 100.0  # never more than the burst
-    assert [bucket.take() for _ in range(4)] == [True, True, True, False]

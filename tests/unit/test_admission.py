@@ -1,6 +1,7 @@
 """Admission decisions: caps, rates, allowlist, pre-greet passes."""
 
 from portcullis import config
+from portcullis.addresses import TokenBucket
 from portcullis.admission import ConnectionTable
 
 BASE = "relay_domains: [example.test]\nbackend: {servers: ['127.0.0.1:25']}\n"
@@ -76,3 +77,12 @@ def test_prune_forgets_idle_state():
     t.pregreet_pass("192.0.2.1", 0)
     t.prune(100)
     assert not t.buckets and not t.pregreet_passed
+
+
+def test_token_bucket_refills_at_its_rate_up_to_its_burst():
+    bucket = TokenBucket(rate=2.0, burst=3, now=0.0)
+    assert [bucket.take(0.0) for _ in range(4)] == [True, True, True, False]
+    assert [bucket.take(0.5) for _ in range(2)] == [True, False]  # one token back
+    assert not bucket.is_full(0.5)
+    assert bucket.is_full(100.0)
+    assert [bucket.take(100.0) for _ in range(4)] == [True, True, True, False]

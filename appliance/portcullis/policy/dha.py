@@ -54,12 +54,12 @@ The session's side of the contract:
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..addresses import canonical, prefix_of
 from ..config import Network
 from ..smtp.replies import Reply
 from .reputation import ReputationStore
@@ -205,12 +205,9 @@ class DhaEngine:
     # -- internals -------------------------------------------------------------------
 
     def _client(self, address: str) -> _Client:
-        ip = ipaddress.ip_address(address)
-        if ip.version == 6 and ip.ipv4_mapped is not None:
-            ip = ip.ipv4_mapped
-        length = self.ipv4_prefix if ip.version == 4 else self.ipv6_prefix
-        prefix = ipaddress.ip_network((ip, length), strict=False)
-        return _Client(str(ip), str(prefix), any(ip in net for net in self.exempt))
+        ip = canonical(address)
+        prefix = prefix_of(ip, self.ipv4_prefix, self.ipv6_prefix)
+        return _Client(str(ip), prefix, any(ip in net for net in self.exempt))
 
     def _dha_stage(self, client: _Client, now: float) -> Stage:
         if not self.settings.enabled:

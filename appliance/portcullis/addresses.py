@@ -1,0 +1,44 @@
+"""Client addresses: one canonical form, their prefixes, and per-client rate buckets."""
+
+from __future__ import annotations
+
+import ipaddress
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def canonical(address: str) -> IPAddress:
+    """The address, with IPv4-mapped IPv6 (::ffff:192.0.2.1) written as IPv4."""
+    ip = ipaddress.ip_address(address)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+def prefix_of(ip: IPAddress, ipv4_bits: int, ipv6_bits: int) -> str:
+    """The network an address belongs to for per-prefix limits, e.g. 192.0.2.0/24."""
+    bits = ipv4_bits if ip.version == 4 else ipv6_bits
+    return str(ipaddress.ip_network((ip, bits), strict=False))
+
+
+class TokenBucket:
+    """`rate` tokens a second, holding at most `burst`; each allowed event takes one."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int, now: float):
+        self.rate = rate
+        self.burst = burst
+        self.tokens = float(burst)
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+    def is_full(self, now: float) -> bool:
+        return self.tokens + (now - self.stamp) * self.rate >= self.burst
