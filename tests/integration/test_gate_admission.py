@@ -175,3 +175,40 @@ def test_check_config_accepts_a_good_file_and_checks_the_recipient_list(tmp_path
     recipients.write_text("alice@example.test\nnot an address\n")
     result = run_cli("check-config", "-c", str(config))
     assert result.returncode == 2 and "line 2" in result.stderr
+
+
+def test_session_deadline_and_minimum_data_rate(backend, tmp_path):
+    with GateProcess(tmp_path, backend, limits={"pregreet_delay": 0, "session_timeout": 3,
+                                                "min_data_rate": 1000}) as gate, \
+            open_idle(gate, "127.0.0.90") as sock:
+        assert first_line(sock).startswith(b"220")
+        started = time.monotonic()
+        for _ in range(10):  # busy, never idle, but past the deadline
+            sock.sendall(b"NOOP\r\n")
+            first_line(sock)
+            time.sleep(0.5)
+            if time.monotonic() - started > 3:
+                break
+        sock.sendall(b"NOOP\r\n")
+        assert b"421 4.4.2" in sock.recv(1024) + sock.recv(1024)
+
+    with GateProcess(tmp_path, backend, limits={"pregreet_delay": 0, "min_data_rate": 1000,
+                                                "command_timeout": 30}) as gate, \
+            smtplib.SMTP("127.0.0.1", gate.port, local_hostname="client.test",
+                         source_address=("127.0.0.91", 0), timeout=30) as client:
+        client.ehlo()
+        client.mail("s@outside.test")
+        client.rcpt("alice@example.test")
+        assert client.docmd("DATA")[0] == 354
+        started = time.monotonic()
+        reply = b""
+        while time.monotonic() - started < 20 and not reply:
+            client.send(b"x\r\n")  # 3 bytes a second, far below 1000
+            time.sleep(1)
+            client.sock.settimeout(0.01)
+            try:
+                reply = client.sock.recv(1024)
+            except TimeoutError:
+                pass
+        assert reply.startswith(b"421 4.4.2")
+    assert "DATA_TOO_SLOW" in gate.log_text()
