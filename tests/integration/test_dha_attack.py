@@ -7,45 +7,19 @@ touched. Figures (probes answered, seconds to the kernel ban) are printed for th
 closing note; the assertions are about behaviour.
 """
 
-import json
-import sys
 import threading
 import time
 
 import pytest
-import yaml
 
 from tests.support import netns
-from tests.support.postfix import PostfixBackend
+from tests.support.lab import VALID, appliance_lab
 
 pytestmark = [pytest.mark.netns, netns.requires_root]
 
-RULESET = """
-table inet portcullis {
-    set portcullis_ban4 { type ipv4_addr; flags timeout; }
-    set portcullis_ban6 { type ipv6_addr; flags timeout; }
-    chain input {
-        type filter hook input priority filter; policy accept;
-        ip saddr @portcullis_ban4 counter drop comment "banned"
-        ip6 saddr @portcullis_ban6 counter drop comment "banned"
-    }
-}
-"""
 ATTACKER, LEGITIMATE = "10.251.0.2", "10.251.0.3"
-VALID = ["alice@example.test", "bob@example.test", "carol@example.test"]
 PROBES = 300
 BAN_AFTER = 10
-
-
-class ClientSide:
-    """Runs Python snippets inside the client namespace and returns their JSON output."""
-
-    def __init__(self, namespace: netns.Namespace):
-        self.namespace = namespace
-
-    def run(self, code: str, timeout: float = 120) -> dict:
-        result = self.namespace.run([sys.executable, "-c", code], timeout=timeout)
-        return json.loads(result.stdout)
 
 
 HARVEST = """
@@ -104,66 +78,13 @@ print(json.dumps({{"refused": refused}}))
 
 @pytest.fixture
 def attack_lab(tmp_path):
-    with netns.veth_pair() as (appliance, client):
-        interface = client.run(["ip", "-o", "-4", "addr", "show", "scope", "global"]).stdout.split()[1]
-        client.run(["ip", "addr", "add", f"{LEGITIMATE}/24", "dev", interface])
-        appliance.run(["nft", "-f", "-"], input=RULESET)
-        backend = PostfixBackend(run_in=appliance.prefix([]))
-        backend.start()
-        try:
-            recipients = tmp_path / "recipients"
-            recipients.write_text("".join(f"{a}\n" for a in VALID))
-            ban_socket = tmp_path / "ban.sock"
-            config = tmp_path / "portcullis.yaml"
-            config.write_text(yaml.safe_dump({
-                "hostname": "mx.example.test",
-                "listen": [f"{appliance.address}:25"],
-                "relay_domains": ["example.test"],
-                "workers": 2,
-                "recipients": {"file": str(recipients)},
-                "backend": {"servers": [f"127.0.0.1:{backend.port}"]},
-                "state_dir": str(tmp_path / "state"),
-                "tls": {"generated_dir": str(tmp_path / "tls")},
-                "ban_socket": str(ban_socket),
-                "ban_helper": {"socket_group": ""},
-                "limits": {"pregreet_delay": 0},
-            }))
-            log = open(tmp_path / "gate.log", "wb")  # noqa: SIM115 - closed below
-            appliance.popen([sys.executable, "-m", "portcullis.cli", "ban-helper", "-c", str(config)],
-                            stdout=log, stderr=log)
-            appliance.popen([sys.executable, "-m", "portcullis.cli", "serve", "-c", str(config)],
-                            stdout=log, stderr=log)
-            deadline = time.monotonic() + 20
-            while not ban_socket.exists() or "listening on" not in (tmp_path / "gate.log").read_text():
-                assert time.monotonic() < deadline, (tmp_path / "gate.log").read_text()
-                time.sleep(0.2)
-            time.sleep(1)  # workers start
-            yield appliance, ClientSide(client), backend, tmp_path / "gate.log"
-        finally:
-            appliance.stop_processes()
-            backend.close()
-
-
-def banned_in_kernel(appliance: netns.Namespace) -> dict:
-    listed = json.loads(appliance.run(["nft", "-j", "list", "set", "inet", "portcullis",
-                                       "portcullis_ban4"]).stdout)
-    (entry,) = [item["set"] for item in listed["nftables"] if "set" in item]
-    return {e["elem"]["val"]: e["elem"] for e in entry.get("elem", [])}
-
-
-def drop_counter(appliance: netns.Namespace) -> int:
-    listed = json.loads(appliance.run(["nft", "-j", "list", "chain", "inet", "portcullis",
-                                       "input"]).stdout)
-    for item in listed["nftables"]:
-        rule = item.get("rule")
-        if rule and "@portcullis_ban4" in json.dumps(rule["expr"]):
-            return next(e["counter"]["packets"] for e in rule["expr"] if "counter" in e)
-    raise AssertionError("no ban rule in the ruleset")
+    with appliance_lab(tmp_path, "10.251.0.1/24", (f"{ATTACKER}/24", f"{LEGITIMATE}/24")) as lab:
+        yield lab
 
 
 def test_harvest_is_banned_in_the_kernel_without_an_oracle(attack_lab):
-    appliance, client, backend, gate_log = attack_lab
-    gate = appliance.address
+    lab = attack_lab
+    gate, backend = lab.gate, lab.backend
     # Invalid addresses, with a valid one every seventh probe.
     probes = [VALID[i % 3] if i % 7 == 6 else f"user{i}@example.test" for i in range(PROBES)]
 
@@ -173,7 +94,7 @@ def test_harvest_is_banned_in_the_kernel_without_an_oracle(attack_lab):
     def legitimate_sender() -> None:
         n = 0
         while not stop.is_set() and n < 40:
-            legitimate.append(client.run(DELIVER.format(gate=gate, source=LEGITIMATE, n=n)))
+            legitimate.append(lab.run_client(DELIVER.format(gate=gate, source=LEGITIMATE, n=n)))
             n += 1
             stop.wait(2)
 
@@ -184,7 +105,7 @@ def test_harvest_is_banned_in_the_kernel_without_an_oracle(attack_lab):
     def watch_kernel() -> None:
         started = time.monotonic()
         while not stop.is_set() and time.monotonic() - started < 200:
-            if ATTACKER in banned_in_kernel(appliance):
+            if ATTACKER in lab.banned_in_kernel():
                 kernel_ban_seen.append(time.time())
                 return
             time.sleep(0.1)
@@ -192,8 +113,8 @@ def test_harvest_is_banned_in_the_kernel_without_an_oracle(attack_lab):
     watcher = threading.Thread(target=watch_kernel)
     watcher.start()
     try:
-        result = client.run(HARVEST.format(gate=gate, source=ATTACKER, probes=probes, valid=VALID),
-                            timeout=200)
+        result = lab.run_client(
+            HARVEST.format(gate=gate, source=ATTACKER, probes=probes, valid=VALID), timeout=200)
     finally:
         time.sleep(4)  # the legitimate sender keeps going after the ban
         stop.set()
@@ -217,12 +138,12 @@ def test_harvest_is_banned_in_the_kernel_without_an_oracle(attack_lab):
     assert max(spread) - min(spread) < 1.0
 
     # The kernel drops the attacker: no banner, counted by the ban rule.
-    assert ATTACKER in banned_in_kernel(appliance)
-    assert 3000 <= banned_in_kernel(appliance)[ATTACKER]["timeout"] <= 3600
-    before = drop_counter(appliance)
-    probe = client.run(NO_BANNER.format(gate=gate, source=ATTACKER))
+    assert ATTACKER in lab.banned_in_kernel()
+    assert 3000 <= lab.banned_in_kernel()[ATTACKER]["timeout"] <= 3600
+    before = lab.drop_counter()
+    probe = lab.run_client(NO_BANNER.format(gate=gate, source=ATTACKER))
     assert "banner" not in probe, probe
-    assert drop_counter(appliance) > before
+    assert lab.drop_counter() > before
     assert result["refused"], "later sessions were not refused"
 
     # The legitimate sender was served throughout, and nothing bounced anywhere.
@@ -233,9 +154,8 @@ def test_harvest_is_banned_in_the_kernel_without_an_oracle(attack_lab):
     assert b"spammer@outside.test" not in delivered
 
     ban_probe_sent = answers[index]["at"] - answers[index]["took"]
-    log_lines = [json.loads(line.split("portcullis.session: ", 1)[1])
-                 for line in gate_log.read_text().splitlines() if "portcullis.session: {" in line]
-    labels = {label for line in log_lines if line["client"] == ATTACKER for label in line["labels"]}
+    labels = {label for line in lab.session_lines() if line["client"] == ATTACKER
+              for label in line["labels"]}
     assert {"DHA_TARPIT", "DHA_SUSPECT", "DHA_BAN"} <= labels
     print(f"\nDHA figures: {index} probes answered before the ban "
           f"({sum(not a['valid'] for a in answers[:index])} invalid); "

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -52,8 +54,10 @@ class Silence:
 class DnsServer:
     """dnsmasq at `host`:`port` serving `records`; a context manager."""
 
-    def __init__(self, workdir: Path, records: Records):
+    def __init__(self, workdir: Path, records: Records, run_in: Sequence[str] = ()):
+        """run_in: a command prefix, e.g. `ip netns exec NS`, to serve inside a namespace."""
         self.dnsmasq = require_tool("dnsmasq", "dnsmasq-base")
+        self.run_in = list(run_in)
         self.host = "127.0.0.1"
         self.port = free_port()
         self.log_path = workdir / "dnsmasq.log"
@@ -76,12 +80,14 @@ class DnsServer:
                       for domain in records.unanswered]
 
     def start(self, timeout: float = 10.0) -> None:
-        self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+        self.process = subprocess.Popen([*self.run_in, *self.argv], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.PIPE, text=True)
 
         def answers() -> bool:
             if self.process.poll() is not None:
                 raise RuntimeError(f"dnsmasq exited: {self.process.stderr.read().strip()}")
+            if self.run_in:  # probe from inside the namespace
+                return self._probe_inside()
             query = dns.message.make_query("readiness-probe.test.", "A")
             try:
                 reply = dns.query.udp(query, self.host, port=self.port, timeout=0.2)
@@ -106,6 +112,12 @@ class DnsServer:
         if self.process:
             self.process.stderr.close()
         self.silence.close()
+
+    def _probe_inside(self) -> bool:
+        probe = (f"import dns.message, dns.query; dns.query.udp(dns.message.make_query("
+                 f"'readiness-probe.test.', 'A'), {self.host!r}, port={self.port}, timeout=0.2)")
+        return subprocess.run([*self.run_in, sys.executable, "-c", probe], check=False,
+                              capture_output=True, timeout=10).returncode == 0
 
     @property
     def nameserver(self) -> str:

@@ -17,14 +17,15 @@ from tests.support.postfix import free_port, port_accepts, wait_until
 RECIPIENTS = "alice@example.test\nbob@example.test\ncarol@example.test\n"
 
 
-def _merge(base: dict, overrides: dict) -> dict:
-    merged = dict(base)
+def merged(base: dict, overrides: dict) -> dict:
+    """base with overrides applied, nested mappings merged key by key."""
+    result = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        if isinstance(value, dict) and isinstance(result.get(key), dict):
+            result[key] = merged(result[key], value)
         else:
-            merged[key] = value
-    return merged
+            result[key] = value
+    return result
 
 
 class GateProcess:
@@ -37,7 +38,7 @@ class GateProcess:
         self.recipients.write_text(RECIPIENTS)
         self.config_path = directory / "portcullis.yaml"
         self.log_path = directory / "gate.log"
-        self.settings = _merge({
+        self.settings = merged({
             "hostname": "mx.example.test",
             "listen": [f"127.0.0.1:{self.port}"],
             "relay_domains": ["example.test"],

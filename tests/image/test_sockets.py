@@ -1,0 +1,46 @@
+"""Only SMTP listens publicly; SSH (and metrics) only on the management address."""
+
+import yaml
+
+
+def listeners(host, proto: str) -> set[tuple[str, int]]:
+    """(address, port) of every listening socket of the protocol, from ss."""
+    found = set()
+    for line in host.check_output(f"ss -H -ln --{proto}").splitlines():
+        address, _, port = line.split()[3].rpartition(":")
+        found.add((address.strip("[]").split("%")[0], int(port)))
+    return found
+
+
+def sshd_listen_address(host) -> tuple[str, int]:
+    for line in host.check_output("sshd -T").splitlines():
+        key, _, value = line.partition(" ")
+        if key == "listenaddress":
+            address, _, port = value.rpartition(":")
+            return address.strip("[]"), int(port)
+    raise AssertionError("sshd -T shows no listenaddress")
+
+
+def metrics_listen(host) -> set[tuple[str, int]]:
+    config = yaml.safe_load(host.file("/etc/portcullis/portcullis.yaml").content_string)
+    listen = (config.get("metrics") or {}).get("listen")
+    if not listen:
+        return set()
+    address, _, port = listen.rpartition(":")
+    return {(address.strip("[]"), int(port))}
+
+
+def test_ssh_listens_on_the_management_address_only(host, harden):
+    address, port = sshd_listen_address(host)
+    assert address not in ("0.0.0.0", "::")
+    assert port == harden["harden_ssh_port"]
+
+
+def test_tcp_listeners(host):
+    expected = {("0.0.0.0", 25), ("::", 25), sshd_listen_address(host)} | metrics_listen(host)
+    assert listeners(host, "tcp") == expected
+
+
+def test_udp_listeners_only_dhcp_client(host):
+    # systemd-networkd's DHCP client is the only UDP socket bound to a port.
+    assert {port for _, port in listeners(host, "udp")} <= {68}

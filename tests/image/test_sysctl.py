@@ -1,0 +1,25 @@
+"""Every sysctl the roles set has its value in the running kernel."""
+
+import pytest
+
+from conftest import role_defaults
+
+SETTINGS = {
+    **role_defaults("harden")["harden_sysctl"],
+    **role_defaults("sysctl_dos")["sysctl_dos_sysctl"],
+}
+
+
+@pytest.mark.parametrize("key", sorted(SETTINGS))
+def test_sysctl_value(host, key):
+    assert str(host.sysctl(key)) == str(SETTINGS[key])
+
+
+def test_conntrack_table_sized_to_memory(host, sysctl_dos):
+    mem_kib = int(host.check_output("awk '/^MemTotal:/ {print $2}' /proc/meminfo"))
+    expected = mem_kib * 1024 // 100 * sysctl_dos["sysctl_dos_conntrack_memory_percent"] \
+        // sysctl_dos["sysctl_dos_conntrack_entry_bytes"]
+    expected = max(expected, sysctl_dos["sysctl_dos_conntrack_min"])
+    assert host.sysctl("net.netfilter.nf_conntrack_max") == expected
+    buckets = int(host.file("/sys/module/nf_conntrack/parameters/hashsize").content_string)
+    assert buckets == expected // sysctl_dos["sysctl_dos_conntrack_entries_per_bucket"]
