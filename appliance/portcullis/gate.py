@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from . import config as configuration
@@ -33,7 +34,11 @@ from .policy.dha import DhaEngine
 log = logging.getLogger("portcullis.gate")
 
 CONTROL_MESSAGE = 65536
+CONTROL_BUFFER = 1 << 20  # room for a burst of handed-over sockets
 RESPAWN_DELAY = 1.0
+
+
+NO_WORKER_REPLY = b"421 4.3.2 Service temporarily unavailable\r\n"
 
 
 @dataclass
@@ -44,6 +49,9 @@ class Worker:
     generation: int  # of the configuration it started with
     active: int = 0
     ready: bool = False  # its signal handlers are installed
+    # Admitted sockets waiting for room on the control socket, oldest first.
+    outbox: deque[tuple[bytes, socket.socket]] = field(default_factory=deque)
+    waiting_to_write: bool = False
 
 
 @dataclass
@@ -169,6 +177,8 @@ class Gate:
 
     def _spawn(self, number: int) -> None:
         gate_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        gate_end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CONTROL_BUFFER)
+        worker_end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CONTROL_BUFFER)
         command = [sys.executable, "-m", "portcullis.cli", "worker",
                    "-c", self.config_path, "--control-fd", str(worker_end.fileno()),
                    "--number", str(number)]
@@ -204,7 +214,12 @@ class Gate:
 
     def _worker_died(self, worker: Worker) -> None:
         self.loop.remove_reader(worker.control.fileno())
+        if worker.waiting_to_write:
+            self.loop.remove_writer(worker.control.fileno())
         worker.control.close()
+        while worker.outbox:
+            _, sock = worker.outbox.popleft()
+            self._refuse(sock, NO_WORKER_REPLY, "NO_WORKER")
         for connection_id in [i for i, c in self.connections.items() if c.worker is worker]:
             self._closed(connection_id)
         if self.stopping:
@@ -297,24 +312,43 @@ class Gate:
     def _dispatch(self, sock: socket.socket, connection_id: int, port: int) -> None:
         connection = self.connections[connection_id]
         worker = self._pick_worker()
+        if worker is None:
+            log.error("no worker is running to take a connection")
+            self._closed(connection_id)
+            self._refuse(sock, NO_WORKER_REPLY, "NO_WORKER")
+            return
         header = json.dumps({
             "id": connection_id, "ip": connection.ip, "port": port,
             "stress": self.table.stressed, "allowlisted": not connection.counted,
             "pregreet_failed": self.table.pregreet_failed_recently(connection.ip),
         }).encode()
-        try:
-            if worker is None:
-                raise OSError("no worker running")
-            worker.control.sendmsg(
-                [header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [sock.fileno()]))])
-        except OSError as e:
-            log.error("cannot hand a connection to a worker: %s", e)
-            self._closed(connection_id)
-            self._refuse(sock, b"421 4.3.2 Service temporarily unavailable\r\n", "NO_WORKER")
-            return
         connection.worker = worker
         worker.active += 1
-        sock.close()
+        worker.outbox.append((header, sock))
+        if len(worker.outbox) == 1:
+            self._hand_over(worker)
+
+    def _hand_over(self, worker: Worker) -> None:
+        """Send queued sockets to a worker; when its socket is full, wait until writable."""
+        fd = worker.control.fileno()
+        while worker.outbox:
+            header, sock = worker.outbox[0]
+            try:
+                worker.control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                   array.array("i", [sock.fileno()]))])
+            except BlockingIOError:
+                if not worker.waiting_to_write:
+                    worker.waiting_to_write = True
+                    self.loop.add_writer(fd, self._hand_over, worker)
+                return
+            except OSError as e:  # the worker is gone; _worker_died refuses the rest
+                log.error("cannot hand a connection to worker %d: %s", worker.number, e)
+                return
+            worker.outbox.popleft()
+            sock.close()
+        if worker.waiting_to_write:
+            worker.waiting_to_write = False
+            self.loop.remove_writer(fd)
 
     def _closed(self, connection_id: int) -> None:
         connection = self.connections.pop(connection_id, None)

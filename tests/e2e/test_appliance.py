@@ -1,0 +1,126 @@
+"""The built qcow2, booted with a seed, in front of a real Postfix on the host.
+
+The tests run in file order on one booted appliance: mail first, then the DHA burst
+that bans the first client address, then the reboot that must keep config and ban.
+Client 1 reaches the appliance from 10.0.2.2 (appliance.smtp_port), client 2 from
+10.0.4.2 (appliance.second_smtp_port).
+"""
+
+from __future__ import annotations
+
+import smtplib
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.e2e.appliance import read_banner
+from tests.e2e.conftest import BOOT_TIMEOUT, DOMAIN, GATE_HOSTNAME
+from tests.support.postfix import as_sent
+
+MESSAGE = (b"From: Sender <sender@outside.example>\r\n"
+           b"To: Alice <alice@example.test>\r\n"
+           b"Subject: through the appliance\r\n"
+           b"Message-ID: <e2e-1@outside.example>\r\n"
+           b"\r\n"
+           b"Line one.\r\n"
+           b".leading dot, stuffed on the wire\r\n"
+           b"8bit: \xc3\xa9t\xc3\xa9\r\n")
+
+
+def smtp(port: int) -> smtplib.SMTP:
+    client = smtplib.SMTP("127.0.0.1", port, local_hostname="client.outside.example", timeout=120)
+    client.ehlo()
+    return client
+
+
+def rcpt_code(client: smtplib.SMTP, address: str) -> int:
+    return client.rcpt(address)[0]
+
+
+def test_banner_names_the_seeded_hostname(appliance):
+    assert read_banner(appliance.smtp_port).startswith(f"220 {GATE_HOSTNAME}".encode())
+
+
+def test_valid_message_is_delivered_byte_exact(appliance, backend):
+    before = len(backend.messages("alice"))
+    with smtp(appliance.smtp_port) as client:
+        client.sendmail("sender@outside.example", [f"alice@{DOMAIN}"], MESSAGE)
+    delivered = backend.wait_for("alice", before + 1, timeout=60)[-1]
+    assert as_sent(delivered) == MESSAGE
+
+
+def test_swaks_delivers_through_the_appliance(appliance, backend):
+    before = len(backend.messages("bob"))
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{appliance.smtp_port}", "--from", "s@outside.example",
+         "--to", f"bob@{DOMAIN}", "--helo", "client.outside.example", "--body", "via swaks",
+         "--timeout", "120"], capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert b"via swaks" in backend.wait_for("bob", before + 1, timeout=60)[-1]
+
+
+def test_unknown_recipient_and_foreign_domain_refused_at_rcpt(appliance, backend):
+    with smtp(appliance.second_smtp_port) as client:
+        client.mail("sender@outside.example")
+        assert rcpt_code(client, f"nobody@{DOMAIN}") == 550
+        assert rcpt_code(client, "victim@elsewhere.example") in (550, 554)  # not an open relay
+        client.rset()
+    backend.assert_no_bounce()
+
+
+def test_idle_connection_flood_does_not_stop_a_delivery(appliance, backend):
+    """An attacker (client 1) holds idle connections; client 2 still delivers."""
+    idle = []
+    try:
+        for _ in range(60):
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", appliance.smtp_port), timeout=5))
+            except OSError:
+                break
+        time.sleep(2)
+        before = len(backend.messages("alice"))
+        with smtp(appliance.second_smtp_port) as client:
+            client.sendmail("sender@outside.example", [f"alice@{DOMAIN}"], MESSAGE)
+        assert as_sent(backend.wait_for("alice", before + 1, timeout=60)[-1]) == MESSAGE
+    finally:
+        for conn in idle:
+            conn.close()
+    assert len(idle) >= 20, "the flood opened fewer connections than the per-source cap"
+
+
+def test_dha_burst_refused_at_rcpt_without_any_ndr(appliance, backend):
+    codes = []
+    with smtp(appliance.smtp_port) as client:
+        client.mail("harvester@outside.example")
+        for n in range(12):
+            try:
+                codes.append(rcpt_code(client, f"guess{n}@{DOMAIN}"))
+            except smtplib.SMTPServerDisconnected:
+                break
+    assert codes and all(code >= 400 for code in codes), codes
+    # Banned: client 1 gets no banner any more; client 2 is unaffected.
+    deadline = time.monotonic() + 30
+    while read_banner(appliance.smtp_port, timeout=5).startswith(b"220"):
+        assert time.monotonic() < deadline, "client 1 was not banned after the DHA burst"
+        time.sleep(1)
+    assert read_banner(appliance.second_smtp_port).startswith(b"220")
+    backend.assert_no_bounce()
+
+
+def test_config_and_ban_survive_a_reboot(appliance, boot_figures):
+    seeded = appliance.ssh("sudo cat /etc/portcullis/portcullis.yaml")
+    appliance.reboot()
+    boot_figures["reboot to banner"] = appliance.wait_for_banner(
+        BOOT_TIMEOUT, port=appliance.second_smtp_port)
+    assert read_banner(appliance.second_smtp_port).startswith(f"220 {GATE_HOSTNAME}".encode())
+    assert appliance.ssh("sudo cat /etc/portcullis/portcullis.yaml") == seeded
+    assert not read_banner(appliance.smtp_port, timeout=10).startswith(b"220"), \
+        "the ban on client 1 did not survive the reboot"
+    assert "10.0.2.2" in appliance.ssh("sudo nft list set inet portcullis portcullis_ban4")
+
+
+@pytest.mark.parametrize("unit", ["portcullis-seed.service", "portcullis.service"])
+def test_units_active_after_boot(appliance, unit):
+    assert appliance.ssh(f"systemctl is-active {unit}", check=False).strip() == "active"
