@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -19,6 +20,12 @@ def prefix_of(ip: IPAddress, ipv4_bits: int, ipv6_bits: int) -> str:
     """The network an address belongs to for per-prefix limits, e.g. 192.0.2.0/24."""
     bits = ipv4_bits if ip.version == 4 else ipv6_bits
     return str(ipaddress.ip_network((ip, bits), strict=False))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def prefix_of_text(address: str, ipv4_bits: int, ipv6_bits: int) -> str:
+    """prefix_of for an address in text, remembered: admission asks for every connection."""
+    return prefix_of(canonical(address), ipv4_bits, ipv6_bits)
 
 
 class TokenBucket:

@@ -13,7 +13,7 @@ import ipaddress
 from collections import defaultdict
 from dataclasses import dataclass
 
-from .addresses import TokenBucket, canonical, prefix_of
+from .addresses import TokenBucket, prefix_of_text
 from .config import Config
 
 
@@ -56,7 +56,7 @@ class ConnectionTable:
         return any(address in network for network in self.allowlist)
 
     def prefix_of(self, ip: str) -> str:
-        return prefix_of(canonical(ip), self.limits.ipv4_prefix, self.limits.ipv6_prefix)
+        return prefix_of_text(ip, self.limits.ipv4_prefix, self.limits.ipv6_prefix)
 
     @property
     def stressed(self) -> bool:
