@@ -36,7 +36,7 @@ run:
 		--smtp-port $(SMTP_PORT) --ssh-port $(SSH_PORT)
 
 verify: image-deps
-	$(PY) -m pytest -q tests/e2e/test_hardening.py
+	$(PY) -m pytest -q -s tests/e2e/test_appliance.py -k "banner or hardening"
 
 box:
 	scripts/make-box $(IMAGE) build/portcullis-$(IMAGE_VERSION)-libvirt.box

@@ -41,6 +41,7 @@ source "qemu" "portcullis" {
   iso_url          = var.base_disk
   iso_checksum     = "none"
   disk_image       = true
+  disk_size        = "2048M" # as vm/make-disk made it (Packer would grow it to 40 GiB)
   use_backing_file = false
   format           = "qcow2"
   disk_interface   = "virtio"

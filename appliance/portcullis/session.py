@@ -37,6 +37,7 @@ CLIENT_REJECTED = Reply(554, "5.7.1", "Client host rejected")
 CLIENT_TEMPFAILED = Reply(450, "4.7.1", "Client host check failed, try again later")
 HELO_REJECTED = Reply(550, "5.7.1", "HELO/EHLO name rejected")
 HELO_TEMPFAILED = Reply(450, "4.7.1", "HELO/EHLO name check failed, try again later")
+INTERNAL_ERROR = Reply(421, "4.3.0", "Internal error, closing connection, try again later")
 UNKNOWN_RECIPIENT = Reply(550, "5.1.1", "Recipient address rejected: user unknown")
 DIRECTORY_TEMPFAIL = Reply(451, "4.4.3", "Recipient directory temporarily unavailable, try later")
 BACKEND_DOWN = Reply(451, "4.4.1", "Mail server temporarily unavailable, try later")
@@ -151,6 +152,10 @@ class Session:
         except (ConnectionError, ssl.SSLError) as e:
             self._reason("DISCONNECT")
             log.debug("client %s: %s", self.client.ip, e)
+        except Exception:  # a bug here must cost the client a retry, never a message
+            log.exception("session with %s failed", self.client.ip)
+            self._reason("INTERNAL_ERROR")
+            self.core.close_with(INTERNAL_ERROR)
         finally:
             await self._end_transaction(aborted=True)
             if self.client_checks is not None:

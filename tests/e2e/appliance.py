@@ -69,9 +69,9 @@ class Appliance:
 
     def start(self) -> None:
         self.started_at = time.monotonic()
-        self.qemu_errors = open(self.workdir / "qemu.err", "w")
-        self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
-                                        stdout=self.qemu_errors, stderr=subprocess.STDOUT)
+        with open(self.workdir / "qemu.err", "w") as qemu_errors:
+            self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                            stdout=qemu_errors, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
@@ -81,8 +81,6 @@ class Appliance:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        if self.process:
-            self.qemu_errors.close()
 
     def __enter__(self):
         self.start()
@@ -133,7 +131,7 @@ class Appliance:
     def ssh(self, command: str, timeout: float = 60, check: bool = True) -> str:
         """Run a command as the administrator (prefix sudo for root); its stdout."""
         result = subprocess.run(self.ssh_argv() + [command], capture_output=True, text=True,
-                                timeout=timeout)
+                                timeout=timeout, check=False)
         if check and result.returncode != 0:
             raise RuntimeError(f"ssh {command!r} failed ({result.returncode}): {result.stderr}")
         return result.stdout

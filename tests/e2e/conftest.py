@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.appliance import (BACKEND_AS_SEEN_BY_GUEST, BUILD_KEY, TOP, Appliance, built,
-                                 require_tools)
+from tests.e2e.appliance import (
+    BACKEND_AS_SEEN_BY_GUEST,
+    BUILD_KEY,
+    TOP,
+    Appliance,
+    built,
+    require_tools,
+)
 from tests.support.postfix import PostfixBackend
 
 DOMAIN = "example.test"

@@ -11,11 +11,12 @@ from __future__ import annotations
 import smtplib
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
 
-from tests.e2e.appliance import read_banner
+from tests.e2e.appliance import BUILD_KEY, TOP, read_banner
 from tests.e2e.conftest import BOOT_TIMEOUT, DOMAIN, GATE_HOSTNAME
 from tests.support.postfix import as_sent
 
@@ -56,7 +57,7 @@ def test_swaks_delivers_through_the_appliance(appliance, backend):
     result = subprocess.run(
         ["swaks", "--server", f"127.0.0.1:{appliance.smtp_port}", "--from", "s@outside.example",
          "--to", f"bob@{DOMAIN}", "--helo", "client.outside.example", "--body", "via swaks",
-         "--timeout", "120"], capture_output=True, text=True, timeout=180)
+         "--timeout", "120"], capture_output=True, text=True, timeout=180, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert b"via swaks" in backend.wait_for("bob", before + 1, timeout=60)[-1]
 
@@ -88,6 +89,17 @@ def test_idle_connection_flood_does_not_stop_a_delivery(appliance, backend):
         for conn in idle:
             conn.close()
     assert len(idle) >= 20, "the flood opened fewer connections than the per-source cap"
+
+
+def test_testinfra_hardening_suite_passes(appliance):
+    """The roles' testinfra suite (tests/image, Lynis included) against this appliance."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", str(TOP / "tests" / "image"),
+         f"--hosts=paramiko://admin@127.0.0.1:{appliance.ssh_port}",
+         f"--ssh-identity-file={BUILD_KEY}", "--sudo"],
+        cwd=TOP, capture_output=True, text=True, timeout=1200, check=False)
+    print(result.stdout[-6000:])
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
 
 
 def test_dha_burst_refused_at_rcpt_without_any_ndr(appliance, backend):

@@ -5,11 +5,13 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from contextlib import ExitStack
 
 import pytest
 
 from tests.support.gate import GateProcess
+from tests.support.postfix import free_port, wait_until
 
 
 def open_idle(gate, source: str) -> socket.socket:
@@ -101,11 +103,21 @@ def test_allowlist_skips_caps_and_pregreet(backend, tmp_path):
             assert time.monotonic() - started < 2
 
 
+def active_connections(gate) -> float:
+    listen = gate.settings["metrics"]["listen"]
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("portcullis_active_connections "):
+                return float(line.split()[1])
+    raise AssertionError("no active connections gauge")
+
+
 def test_stress_mode_tightens_idle_timeout(backend, tmp_path):
-    with GateProcess(tmp_path, backend, limits={
+    with GateProcess(tmp_path, backend, metrics={"listen": f"127.0.0.1:{free_port()}"}, limits={
             "pregreet_delay": 0, "max_connections": 10, "stress_threshold": 0.5,
             "stress_command_timeout": 3, "command_timeout": 30,
             "max_connections_per_ip": 20, "max_connections_per_prefix": 20}) as gate:
+        wait_until(lambda: active_connections(gate) == 0, 10, "the start-up probe to close")
         held = ExitStack()
         with held:
             for _ in range(4):  # below the threshold of 5: normal timeouts
