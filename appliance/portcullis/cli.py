@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import socket
 import sys
@@ -34,6 +35,7 @@ def _load_checked(path: str) -> configuration.Config:
     config = configuration.load(path)
     from .policy.dha import check_config as check_thresholds
     check_thresholds(config, path)
+    _check_worker_services(config)
     if config.recipients.source == "static":
         from .policy.recipients import RecipientListError, parse_recipient_list
         try:
@@ -45,6 +47,18 @@ def _load_checked(path: str) -> configuration.Config:
         except RecipientListError as e:
             raise ConfigError(str(e)) from None
     return config
+
+
+def _check_worker_services(config: configuration.Config) -> None:
+    """Build what a worker builds (directory, resolver, TLS pair), so that a problem stops
+    the start here, with its key, instead of failing in every worker."""
+    from .metrics import Tally
+    from .policy.reputation import MemoryStore
+    from .worker import make_services
+
+    if not config.tls.cert_file:  # a pair to generate is made by the gate at start
+        config = dataclasses.replace(config, tls=dataclasses.replace(config.tls, enabled=False))
+    make_services(config, Tally(), MemoryStore(retention=1), None).recipients.close()
 
 
 def check_config(args: argparse.Namespace) -> int:

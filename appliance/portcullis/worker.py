@@ -33,6 +33,20 @@ def recipient_directory(config: Config):
     return StaticRecipients(config.recipients.file)
 
 
+def make_services(config: Config, tally: Tally, store: reputation.ReputationStore,
+                  bans: BanClient | None) -> Services:
+    """Everything a worker's sessions share; ConfigError when a part cannot be set up."""
+    return Services(
+        config=config,
+        recipients=recipient_directory(config),
+        backend=BackendPool(config.backend),
+        tls=tls.server_context(config.tls, config.hostname),
+        tally=tally,
+        dha=DhaEngine(config, store, bans.request_ban if bans else None),
+        dns=DnsChecker(config.dns),
+    )
+
+
 class WorkerProcess:
     def __init__(self, config: Config, config_path: str, control: socket.socket):
         self.config_path = config_path
@@ -47,15 +61,7 @@ class WorkerProcess:
         self.services = self._services(config)
 
     def _services(self, config: Config) -> Services:
-        return Services(
-            config=config,
-            recipients=recipient_directory(config),
-            backend=BackendPool(config.backend),
-            tls=tls.server_context(config.tls, config.hostname),
-            tally=self.tally,
-            dha=DhaEngine(config, self.store, self.bans.request_ban if self.bans else None),
-            dns=DnsChecker(config.dns),
-        )
+        return make_services(config, self.tally, self.store, self.bans)
 
     async def run(self) -> None:
         self.control.setblocking(False)

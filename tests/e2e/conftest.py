@@ -55,8 +55,9 @@ def gate_config(**dha) -> str:
         """) + dha_yaml + "\n"
 
 
-def make_seed(directory: Path, config_text: str) -> Path:
-    """A seed disk made the way administrators make one (scripts/make-seed)."""
+def make_seed(directory: Path, config_text: str, checked: bool = True) -> Path:
+    """A seed disk made the way administrators make one (scripts/make-seed), or, with
+    checked=False, written past make-seed's checks as a hand-made or corrupted one."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "portcullis.yaml").write_text(config_text)
     (directory / "recipients").write_text(f"alice@{DOMAIN}\nbob@{DOMAIN}\n")
@@ -72,8 +73,18 @@ def make_seed(directory: Path, config_text: str) -> Path:
           - interface: eth1
         """))
     seed = directory / "seed.iso"
-    subprocess.run([sys.executable, str(TOP / "scripts" / "make-seed"), str(directory / "site.yaml"),
-                    str(seed)], check=True, capture_output=True, text=True)
+    if checked:
+        subprocess.run([sys.executable, str(TOP / "scripts" / "make-seed"),
+                        str(directory / "site.yaml"), str(seed)],
+                       check=True, capture_output=True, text=True)
+        return seed
+    staging = directory / "unchecked"
+    staging.mkdir()
+    for source, name in (("portcullis.yaml", "portcullis.yaml"), ("recipients", "recipients"),
+                         ("admin.pub", "admin_keys")):
+        (staging / name).write_bytes((directory / source).read_bytes())
+    subprocess.run(["xorriso", "-as", "mkisofs", "-quiet", "-V", "PORTCULLIS-SEED", "-r", "-J",
+                    "-o", str(seed), str(staging)], check=True, capture_output=True)
     return seed
 
 

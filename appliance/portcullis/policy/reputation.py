@@ -31,6 +31,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..config import ConfigError
+
 log = logging.getLogger("portcullis.reputation")
 
 DATABASE_NAME = "reputation.db"
@@ -39,8 +41,8 @@ FLUSH_TIMEOUT = 10.0
 MAX_BATCH = 1000  # writes per transaction
 
 
-class ReputationStoreError(Exception):
-    """The store cannot be opened; the message names the file and the cause."""
+class ReputationStoreError(ConfigError):
+    """The store cannot be opened; the message names the key, the file and the cause."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +190,7 @@ class SqliteStore(MemoryStore):
             db.executescript(_SCHEMA)
         except (OSError, sqlite3.Error) as e:
             raise ReputationStoreError(
-                f"cannot open reputation store {self.path}: {e}"
+                f"key 'state_dir': cannot open the reputation store {self.path}: {e}"
             ) from None
         return db
 
