@@ -95,11 +95,13 @@ def seed(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def boot_figures():
-    """Figures the session measured, printed at its end (never asserted on)."""
+    """Figures the session measured, printed and kept at its end (never asserted on)."""
     figures: dict[str, float] = {}
     yield figures
     if figures:
-        print("\n" + "\n".join(f"e2e figure: {name}: {value:.1f} s" for name, value in figures.items()))
+        lines = "".join(f"{name}: {value:.1f} s\n" for name, value in figures.items())
+        (TOP / "build" / "e2e-figures.txt").write_text(lines)
+        print("\ne2e figures (build/e2e-figures.txt):\n" + lines)
 
 
 @pytest.fixture(scope="module")

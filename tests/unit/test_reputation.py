@@ -166,7 +166,7 @@ def test_a_later_ban_by_another_process_replaces_the_row(sqlite_store):
 def test_an_unwritable_location_is_a_clear_error(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ReputationStoreError, match=f"cannot open reputation store {blocker}/"):
+    with pytest.raises(ReputationStoreError, match=f"cannot open the reputation store {blocker}/"):
         SqliteStore(str(blocker / DATABASE_NAME), 600.0)
 
 
