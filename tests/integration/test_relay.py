@@ -232,3 +232,15 @@ def test_prometheus_endpoint_counts_decisions(gate, postfix_backend):
     assert values["portcullis_messages_relayed_total"] >= 1
     assert values["portcullis_relayed_bytes_total"] > 0
     assert values["portcullis_active_connections"] == 0
+
+
+def test_ipv6_listener(postfix_backend, tmp_path):
+    port = free_port("::1")
+    gate = GateProcess(tmp_path, f"127.0.0.1:{postfix_backend.port}", limits={"pregreet_delay": 0})
+    gate.settings["listen"].append(f"[::1]:{port}")
+    gate.write_config()
+    with gate, smtplib.SMTP("::1", port, local_hostname="client.test", timeout=15) as client:
+        assert client.sendmail("s@outside.test", ["carol@example.test"],
+                               b"Subject: v6\r\n\r\nover IPv6\r\n") == {}
+    assert b"over IPv6" in postfix_backend.wait_for("carol")[0]
+    assert any(line["client"] == "::1" for line in gate.session_lines())
