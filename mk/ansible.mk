@@ -1,6 +1,6 @@
 # Ansible roles (ansible/): wheels for the box, lint, and the molecule scenario that
 # converges site.yml in a chroot and verifies the booted result with testinfra.
-.PHONY: ansible-deps wheelhouse lint-ansible test-ansible
+.PHONY: ansible-deps wheelhouse lint-ansible test-ansible lynis-ansible
 
 ANSIBLE_DIR := ansible
 WHEELHOUSE := build/wheelhouse
@@ -21,6 +21,10 @@ lint-ansible: ansible-deps
 # testinfra + Lynis), destroy.
 test-ansible: ansible-deps wheelhouse
 	cd $(ANSIBLE_DIR) && molecule test
+
+# The same, with the Lynis audit of the booted image (slow under TCG: not in make test).
+lynis-ansible: ansible-deps wheelhouse
+	cd $(ANSIBLE_DIR) && PORTCULLIS_LYNIS=1 molecule test
 
 lint: lint-ansible
 EXTRA_TESTS += test-ansible

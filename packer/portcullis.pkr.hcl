@@ -101,6 +101,7 @@ build {
   }
 
   provisioner "shell" {
-    inline = ["sudo install -m 0700 /tmp/portcullis-seal /usr/local/sbin/portcullis-seal"]
+    inline        = ["sudo install -m 0700 /tmp/portcullis-seal /usr/local/sbin/portcullis-seal"]
+    remote_folder = "/home/${var.ssh_user}" # /tmp is noexec on the appliance
   }
 }

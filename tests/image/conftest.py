@@ -16,6 +16,10 @@ import yaml
 ROLES = pathlib.Path(__file__).resolve().parents[2] / "ansible" / "roles"
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "lynis: runs a Lynis audit in the appliance (minutes under TCG)")
+
+
 def role_defaults(role: str) -> dict:
     return yaml.safe_load((ROLES / role / "defaults" / "main.yml").read_text())
 

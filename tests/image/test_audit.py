@@ -1,7 +1,6 @@
 """auditd runs with the rules for admin access, identity files and privileged commands."""
 
 import pytest
-
 from conftest import role_defaults
 
 HARDEN = role_defaults("harden")

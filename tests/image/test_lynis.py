@@ -14,11 +14,13 @@ AUDIT_DIR = "/root/lynis-audit"
 MIN_INDEX = int(os.environ.get("PORTCULLIS_LYNIS_MIN_INDEX", "90"))
 PROFILE = pathlib.Path(__file__).with_name("lynis-portcullis.prf")
 
+pytestmark = pytest.mark.lynis
+
 
 def lynis_bundle() -> bytes:
     """The host's Lynis (program, include files, plugins, database, default profile)."""
-    sources = {"/usr/sbin/lynis": "lynis", "/usr/share/lynis": ".",
-               "/etc/lynis/default.prf": "default.prf", str(PROFILE): "custom.prf"}
+    sources = {"/usr/sbin/lynis": "lynis", "/usr/share/lynis": ".", "/etc/lynis": ".",
+               str(PROFILE): "custom.prf"}
     missing = [path for path in sources if not os.path.exists(path)]
     if missing:
         pytest.fail(f"Lynis not found on this host ({', '.join(missing)}): apt-get install lynis")
@@ -48,9 +50,9 @@ def lynis_report(host) -> str:
 
 
 def test_hardening_index(lynis_report):
-    index = int(re.search(r"^hardening_index=(\d+)$", lynis_report, re.M).group(1))
-    suggestions = re.findall(r"^suggestion\[\]=([^|]+)\|([^|]*)", lynis_report, re.M)
-    warnings = re.findall(r"^warning\[\]=([^|]+)\|([^|]*)", lynis_report, re.M)
+    index = int(re.search(r"^hardening_index=(\d+)$", lynis_report, re.MULTILINE).group(1))
+    suggestions = re.findall(r"^suggestion\[\]=([^|]+)\|([^|]*)", lynis_report, re.MULTILINE)
+    warnings = re.findall(r"^warning\[\]=([^|]+)\|([^|]*)", lynis_report, re.MULTILINE)
     print(f"Lynis hardening index {index}; {len(warnings)} warnings, "
           f"{len(suggestions)} suggestions")
     for test_id, text in warnings + suggestions:

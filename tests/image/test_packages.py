@@ -1,7 +1,6 @@
 """The stripped system: no build tools, no other MTA, minimal setuid, inventory kept."""
 
 import pytest
-
 from conftest import role_defaults
 
 STRIP = role_defaults("strip")
