@@ -15,6 +15,9 @@ help:
 deps:
 	scripts/install-deps test
 
+# Each area adds its targets, and its tests to EXTRA_TESTS, before the test rule reads it.
+-include mk/*.mk
+
 # The one test command: everything, in order of cost.
 test: deps lint test-gate $(EXTRA_TESTS)
 
@@ -24,4 +27,3 @@ lint:
 test-gate:
 	$(PY) -m pytest -q tests/unit tests/integration
 
--include mk/*.mk

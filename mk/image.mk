@@ -46,5 +46,3 @@ test-image: image
 	$(PY) -m pytest -q tests/e2e
 
 EXTRA_TESTS += test-image
-# The Makefile reads mk/*.mk after its `test:` rule, so name the prerequisite here too.
-test: test-image
