@@ -68,7 +68,7 @@ def make_seed(directory: Path, config_text: str, checked: bool = True) -> Path:
         admin_keys: admin.pub
         network:
           - interface: eth0
-            address: [10.0.2.15/24, 10.0.4.15/24]
+            address: 10.0.2.15/24
             gateway: 10.0.2.2
           - interface: eth1
         """))
