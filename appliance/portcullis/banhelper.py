@@ -246,7 +246,9 @@ async def serve(helper: BanHelper, path: str, group_id: int | None) -> None:
     server = await asyncio.start_unix_server(helper.handle, path, limit=MAX_LINE)
     try:
         os.chmod(path, SOCKET_MODE)
-        if group_id is not None:
+        # Under systemd the socket is born with the right group (Group=), and the
+        # sandbox forbids chown: only change what is not already so.
+        if group_id is not None and os.stat(path).st_gid != group_id:
             os.chown(path, -1, group_id)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
