@@ -7,6 +7,7 @@ the reboot that must keep the configuration and the ban, checked from the box it
 
 from __future__ import annotations
 
+import os
 import smtplib
 import socket
 import subprocess
@@ -122,14 +123,18 @@ def test_units_active_after_boot(appliance, unit):
 
 
 def test_testinfra_hardening_suite_passes(appliance):
-    """The roles' testinfra suite (tests/image, Lynis included) against this appliance.
-    Last in the file: under TCG it takes minutes, and nothing after it depends on it."""
+    """The roles' testinfra suite (tests/image) against this appliance. The Lynis audit
+    takes 15 minutes or more under TCG: it runs only with PORTCULLIS_LYNIS=1.
+    Last in the file: nothing after it depends on it."""
     report = appliance.workdir / "testinfra.log"
+    lynis = os.environ.get("PORTCULLIS_LYNIS") == "1"
     with open(report, "w") as output:
         result = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-rA", "-s", "-p", "no:cacheprovider",
+             *([] if lynis else ["-m", "not lynis"]),
              str(TOP / "tests" / "image"), f"--hosts=paramiko://admin@127.0.0.1:{appliance.ssh_port}",
              f"--ssh-identity-file={BUILD_KEY}", "--sudo"],
-            cwd=TOP, stdout=output, stderr=subprocess.STDOUT, timeout=2400, check=False)
+            cwd=TOP, stdout=output, stderr=subprocess.STDOUT, timeout=2400 if lynis else 900,
+            check=False)
     print(report.read_text()[-8000:])
     assert result.returncode == 0, report.read_text()[-8000:]
