@@ -21,13 +21,23 @@ def sshd_listen_address(host) -> tuple[str, int]:
     raise AssertionError("sshd -T shows no listenaddress")
 
 
+def gate_config(host) -> dict:
+    return yaml.safe_load(host.file("/etc/portcullis/portcullis.yaml").content_string)
+
+
+def host_port(text: str) -> tuple[str, int]:
+    address, _, port = text.rpartition(":")
+    return address.strip("[]"), int(port)
+
+
+def gate_listen(host) -> set[tuple[str, int]]:
+    """The SMTP addresses the gate is configured to listen on (25 on IPv4 and IPv6 by default)."""
+    return {host_port(listen) for listen in gate_config(host).get("listen") or ["0.0.0.0:25"]}
+
+
 def metrics_listen(host) -> set[tuple[str, int]]:
-    config = yaml.safe_load(host.file("/etc/portcullis/portcullis.yaml").content_string)
-    listen = (config.get("metrics") or {}).get("listen")
-    if not listen:
-        return set()
-    address, _, port = listen.rpartition(":")
-    return {(address.strip("[]"), int(port))}
+    listen = (gate_config(host).get("metrics") or {}).get("listen")
+    return {host_port(listen)} if listen else set()
 
 
 def test_ssh_listens_on_the_management_address_only(host, harden):
@@ -37,7 +47,9 @@ def test_ssh_listens_on_the_management_address_only(host, harden):
 
 
 def test_tcp_listeners(host):
-    expected = {("0.0.0.0", 25), ("::", 25), sshd_listen_address(host)} | metrics_listen(host)
+    smtp = gate_listen(host)
+    assert {port for _, port in smtp} == {25}
+    expected = smtp | {sshd_listen_address(host)} | metrics_listen(host)
     assert listeners(host, "tcp") == expected
 
 
