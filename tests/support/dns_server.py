@@ -24,7 +24,7 @@ import dns.rcode
 import dns.reversename
 
 from tests.support.postfix import free_port, wait_until
-from tests.support.tools import require_tool
+from tests.support.tools import require_tool, stop_process
 
 # Names outside these domains are refused, so nothing leaks to a real resolver.
 LOCAL_DOMAINS = ("test", "in-addr.arpa", "ip6.arpa")
@@ -102,13 +102,7 @@ class DnsServer:
             raise
 
     def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
         if self.process:
             self.process.stderr.close()
         self.silence.close()

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.support.postfix import free_port, port_accepts, wait_until
-from tests.support.tools import require_tool, run_checked
+from tests.support.tools import require_tool, run_checked, stop_process
 
 SUFFIX = "dc=example,dc=test"
 GATE_DN = f"cn=gate,ou=services,{SUFFIX}"
@@ -139,13 +139,8 @@ class Slapd:
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
-            self.process.send_signal(signal.SIGCONT)
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+            self.process.send_signal(signal.SIGCONT)  # a paused server must see the SIGTERM
+        stop_process(self.process)
 
 
 class TestCertificates:

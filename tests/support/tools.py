@@ -21,3 +21,15 @@ def run_checked(argv: list[str], timeout: float = 60) -> None:
     result = subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {result.stderr.strip()[-2000:]}")
+
+
+def stop_process(process: subprocess.Popen | None, grace: float = 5) -> None:
+    """SIGTERM a test server, then SIGKILL it if it has not exited within `grace` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(grace)
