@@ -136,8 +136,8 @@ class Session:
             self.client_checks = asyncio.ensure_future(services.dns.check_client(client.ip))
         self.client_refusal: tuple[Reply, str] | None = None  # for every RCPT, from checks
         self.bytes_in = 0
-        self.data_started = 0.0
-        self.data_bytes = 0
+        self.data_started = 0.0  # when the client got 354, and bytes_in then
+        self.bytes_before_data = 0
 
     # --- the loop -----------------------------------------------------------
 
@@ -191,15 +191,14 @@ class Session:
                                  else "IDLE_TIMEOUT") from None
         self.bytes_in += len(data)
         if self.core.state is smtp.State.DATA:
-            self._check_data_rate(len(data))
+            self._check_data_rate()
         return data
 
-    def _check_data_rate(self, received: int) -> None:
+    def _check_data_rate(self) -> None:
         """Refuse a client that trickles its message slower than limits.min_data_rate."""
-        self.data_bytes += received
         elapsed = time.monotonic() - self.data_started
         minimum = self.config.limits.min_data_rate
-        if minimum and elapsed > 10 and self.data_bytes < minimum * elapsed:
+        if minimum and elapsed > 10 and self.bytes_in - self.bytes_before_data < minimum * elapsed:
             raise SessionTimeout("DATA_TOO_SLOW")
 
     async def _flush(self) -> None:
@@ -212,9 +211,6 @@ class Session:
                         await self.writer.drain()
                 except TimeoutError:
                     raise SessionTimeout("WRITE_TIMEOUT") from None
-
-    def _respond(self, reply: Reply) -> None:
-        self.core.respond(reply)
 
     # --- events ---------------------------------------------------------------
 
@@ -229,12 +225,12 @@ class Session:
             if action is None:
                 return
             if action is Action.REJECT:
-                self._respond(HELO_REJECTED)
+                self.core.respond(HELO_REJECTED)
                 return
             if action is Action.TEMPFAIL:
-                self._respond(HELO_TEMPFAILED)
+                self.core.respond(HELO_TEMPFAILED)
                 return
-        self._respond(self.core.hello_reply(event))
+        self.core.respond(self.core.hello_reply(event))
 
     async def _on_mail(self, event: smtp.Mail) -> None:
         if self.client_checks is not None:
@@ -248,7 +244,7 @@ class Session:
             elif action is Action.TEMPFAIL:
                 self.client_refusal = CLIENT_TEMPFAILED, label
         self.transaction = Transaction(event.sender.address, event.sender)
-        self._respond(replies.SENDER_OK)
+        self.core.respond(replies.SENDER_OK)
 
     def _apply_findings(self, findings: list[Finding]) -> Action | None:
         """Log every finding and add the scored ones. Return the strongest action, or
@@ -263,7 +259,7 @@ class Session:
             verdict = self.services.dha.after_signal(self.client.ip, self.score)
             self._note(verdict)
             if verdict.disconnect:
-                self._respond(verdict.reply)
+                self.core.respond(verdict.reply)
                 return None
         return strongest_action(findings)
 
@@ -276,7 +272,7 @@ class Session:
         transaction.recipients.append({"to": address, "reply": reply.code, "label": label})
         if label:
             self._reason(label)
-        self._respond(reply)
+        self.core.respond(reply)
 
     async def _judge_recipient(self, address: str, arrived: float) -> tuple[Reply | None, str]:
         """Local policy: the domain, then the harvest defence and the directory.
@@ -332,7 +328,7 @@ class Session:
     async def _on_data_begin(self, event: smtp.DataBegin) -> None:
         transaction = self.transaction
         if transaction.backend is None:  # the backend was lost after RCPT
-            self._respond(BACKEND_DOWN)
+            self.core.respond(BACKEND_DOWN)
             self._reason("BACKEND_DOWN")
             return
         try:
@@ -341,17 +337,17 @@ class Session:
             log.warning("backend unavailable at DATA: %s", e)
             self.services.tally.add(metrics.BACKEND_ERRORS)
             self._drop_backend(transaction)
-            self._respond(BACKEND_DOWN)
+            self.core.respond(BACKEND_DOWN)
             self._reason("BACKEND_DOWN")
             return
         if reply.code != 354:
-            self._respond(reply)
+            self.core.respond(reply)
             self._reason("BACKEND_REFUSED")
             return
         transaction.backend_in_data = True
         self.data_started = time.monotonic()
-        self.data_bytes = 0
-        self._respond(replies.START_DATA)
+        self.bytes_before_data = self.bytes_in
+        self.core.respond(replies.START_DATA)
         await self._flush()
 
     async def _on_data_chunk(self, event: smtp.DataChunk) -> None:
@@ -387,7 +383,7 @@ class Session:
         else:
             self._reason("BACKEND_REFUSED")
         transaction.reply = str(reply)
-        self._respond(reply)
+        self.core.respond(reply)
         await self._end_transaction(aborted=False)
 
     async def _on_message_refused(self, event: smtp.MessageRefused) -> None:
@@ -397,7 +393,7 @@ class Session:
         await self._end_transaction(aborted=True)
 
     async def _on_starttls(self, event: smtp.StartTls) -> None:
-        self._respond(replies.READY_TLS)
+        self.core.respond(replies.READY_TLS)
         await self._flush()
         try:
             async with asyncio.timeout(self.idle_timeout):
@@ -411,6 +407,8 @@ class Session:
         await self._end_transaction(aborted=True)
 
     async def _on_violation(self, event: smtp.Violation) -> None:
+        # A closing violation (421, or 521 mid-DATA) ends the session; run() then drops
+        # the backend transaction, aborting it if DATA had begun.
         self._reason(event.label)
         if event.label in STRIKES:
             self.score.add(Signal.STRIKE)
@@ -418,8 +416,6 @@ class Session:
             self._note(verdict)
             if verdict.disconnect:
                 self.core.close_with(verdict.reply)
-        if self.core.state is smtp.State.DATA or event.reply.code in (421, 521):
-            await self._end_transaction(aborted=True)
 
     _handlers: ClassVar[dict] = {
         smtp.Hello: _on_hello,
