@@ -41,7 +41,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from tests.support.postfix import PostfixInstance, free_port, port_accepts, wait_until
+from tests.support.postfix import PostfixInstance
+from tests.support.tools import free_port, port_accepts, wait_until
 
 DOMAIN = "example.test"
 USERS = ("alice", "bob", "carol")

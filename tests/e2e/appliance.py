@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.support.postfix import free_port
+from tests.support.tools import free_port
 
 TOP = Path(__file__).resolve().parents[2]
 BOOT = TOP / "vm" / "boot"

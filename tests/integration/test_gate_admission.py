@@ -11,7 +11,7 @@ from contextlib import ExitStack
 import pytest
 
 from tests.support.gate import GateProcess
-from tests.support.postfix import free_port, wait_until
+from tests.support.tools import free_port, wait_until
 
 
 def open_idle(gate, source: str) -> socket.socket:

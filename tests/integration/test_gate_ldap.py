@@ -7,8 +7,8 @@ import urllib.request
 import pytest
 
 from tests.support.gate import GateProcess
-from tests.support.postfix import free_port
 from tests.support.slapd import GATE_DN, GATE_PASSWORD, SUFFIX, Person, Slapd
+from tests.support.tools import free_port
 
 PEOPLE = [Person("alice", "alice@example.test"), Person("bob", "bob@example.test"),
           Person("carol", "carol@example.test")]

@@ -10,7 +10,8 @@ import urllib.request
 import pytest
 
 from tests.support.gate import GateProcess
-from tests.support.postfix import as_sent, free_port
+from tests.support.postfix import as_sent
+from tests.support.tools import free_port
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,7 @@ import dns.query
 import dns.rcode
 import dns.reversename
 
-from tests.support.postfix import free_port, wait_until
-from tests.support.tools import require_tool, stop_process
+from tests.support.tools import free_port, require_tool, stop_process, wait_until
 
 # Names outside these domains are refused, so nothing leaks to a real resolver.
 LOCAL_DOMAINS = ("test", "in-addr.arpa", "ip6.arpa")

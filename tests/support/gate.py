@@ -12,7 +12,7 @@ from typing import Self
 
 import yaml
 
-from tests.support.postfix import free_port, port_accepts, wait_until
+from tests.support.tools import free_port, port_accepts, wait_until
 
 RECIPIENTS = "alice@example.test\nbob@example.test\ncarol@example.test\n"
 

@@ -23,6 +23,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.support.tools import free_port, port_accepts, wait_until
+
 # Internal services every instance needs. chroot is off everywhere ("n"), so nothing
 # has to be copied into the queue directory.
 _BASE_SERVICES = """\
@@ -48,30 +50,6 @@ postlog    unix-dgram n - n - 1 postlogd
 """
 
 POSTFIX_USER = "postfix"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free on host a moment ago."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
-
-
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.02) -> None:
-    """Poll predicate until it returns true; TimeoutError naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def port_accepts(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1)
-        return probe.connect_ex((host, port)) == 0
 
 
 def _require_postfix() -> None:

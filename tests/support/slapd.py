@@ -19,8 +19,14 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.postfix import free_port, port_accepts, wait_until
-from tests.support.tools import require_tool, run_checked, stop_process
+from tests.support.tools import (
+    free_port,
+    port_accepts,
+    require_tool,
+    run_checked,
+    stop_process,
+    wait_until,
+)
 
 SUFFIX = "dc=example,dc=test"
 GATE_DN = f"cn=gate,ou=services,{SUFFIX}"

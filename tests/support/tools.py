@@ -1,10 +1,12 @@
-"""Finding the Debian tools the test servers run, with an error naming the package."""
+"""Small helpers for the test servers: finding their Debian tools, ports, waiting, stopping."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
+import time
 
 
 def require_tool(tool: str, package: str) -> str:
@@ -33,3 +35,27 @@ def stop_process(process: subprocess.Popen | None, grace: float = 5) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(grace)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free on host a moment ago."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.02) -> None:
+    """Poll predicate until it returns true; TimeoutError naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def port_accepts(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1)
+        return probe.connect_ex((host, port)) == 0
