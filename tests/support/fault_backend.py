@@ -1,0 +1,285 @@
+"""A scriptable SMTP backend that fails the way real mail servers fail.
+
+It listens on 127.0.0.1:<free port> and, by default, behaves like a well-behaved
+Postfix: it offers PIPELINING, accepts every recipient (or only `users`, with 550 for
+the others), and records each message it answers 250 at end-of-data.
+
+A fault is planned for one step of the protocol and used once:
+
+    backend.plan("rcpt:2", Fault.hangup())        # the 2nd RCPT of a transaction
+    backend.plan("mail", Fault.reply("452 4.3.1 Insufficient system storage"))
+    backend.plan("end", Fault.late(5))             # answer the final dot after 5 s
+
+Steps: banner, ehlo, mail, rcpt (any), rcpt:N (the N-th in a transaction), data,
+chunk (the first message bytes after 354), end (the final dot), rset, quit.
+Fault kinds: reply (any code), hangup, stall (never answer), late (answer after a
+delay), malformed, overlong (a 2,000-octet line), lines (an N-line reply).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Self
+
+from tests.support.tools import free_port
+
+PIPELINING_EHLO = ("backend.test", "PIPELINING", "SIZE 104857600", "8BITMIME",
+                   "ENHANCEDSTATUSCODES")
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    text: str = ""  # for "reply", and for "late": what to answer (empty: the normal answer)
+    seconds: float = 0.0  # for "late"
+    count: int = 0  # for "lines"
+
+    @classmethod
+    def reply(cls, text: str) -> Fault:
+        return cls("reply", text=text)
+
+    @classmethod
+    def hangup(cls) -> Fault:
+        return cls("hangup")
+
+    @classmethod
+    def stall(cls) -> Fault:
+        return cls("stall")
+
+    @classmethod
+    def late(cls, seconds: float, reply: str = "") -> Fault:
+        return cls("late", text=reply, seconds=seconds)
+
+    @classmethod
+    def malformed(cls) -> Fault:
+        return cls("malformed")
+
+    @classmethod
+    def overlong(cls) -> Fault:
+        return cls("overlong")
+
+    @classmethod
+    def lines(cls, count: int) -> Fault:
+        return cls("lines", count=count)
+
+    @property
+    def is_transient(self) -> bool:
+        """True unless the fault is a permanent (5xx) refusal."""
+        return not (self.kind in ("reply", "late") and self.text.startswith("5"))
+
+
+@dataclass
+class Delivery:
+    """A message the backend answered 250 at end-of-data."""
+
+    sender: str
+    recipients: list[str]
+    data: bytes  # as received: dot-stuffed, CRLF line endings, without the final dot
+    connection: int
+
+
+@dataclass
+class _Transaction:
+    sender: str
+    recipients: list[str] = field(default_factory=list)
+    rcpt_count: int = 0
+
+
+class _Hangup(Exception):
+    pass
+
+
+class FaultBackend:
+    def __init__(self, users: set[str] | None = None, host: str = "127.0.0.1"):
+        self.host, self.port = host, free_port(host)
+        self.users = users  # accepted recipients; None accepts all
+        self.deliveries: list[Delivery] = []
+        self.commands: list[tuple[int, str]] = []  # (connection number, command line)
+        self.connections = 0
+        self._faults: dict[str, Fault] = {}
+        self._lock = threading.Lock()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fault-backend",
+                                        daemon=True)
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    # --- control, from the test's thread ------------------------------------------------
+
+    def start(self) -> Self:
+        self._thread.start()
+        self._server = asyncio.run_coroutine_threadsafe(asyncio.start_server(
+            self._serve, self.host, self.port, limit=1 << 20), self._loop).result(5)
+        return self
+
+    def stop(self) -> None:
+        async def shut() -> None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.transport.abort()
+        asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def plan(self, step: str, fault: Fault) -> None:
+        with self._lock:
+            self._faults[step] = fault
+
+    def clear(self) -> None:
+        """Forget planned faults and recorded traffic."""
+        with self._lock:
+            self._faults.clear()
+            self.deliveries.clear()
+            self.commands.clear()
+
+    def delivered_to(self, recipient: str) -> list[Delivery]:
+        with self._lock:
+            return [d for d in self.deliveries if recipient in d.recipients]
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # --- the server, on its own loop ----------------------------------------------------
+
+    def _take(self, *steps: str) -> Fault | None:
+        with self._lock:
+            for step in steps:
+                if step in self._faults:
+                    return self._faults.pop(step)
+        return None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        with self._lock:
+            self.connections += 1
+            number = self.connections
+        try:
+            await self._answer(writer, self._take("banner"), "220 backend.test ESMTP")
+            await self._session(reader, writer, number)
+        except (_Hangup, ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.transport.abort()
+
+    async def _session(self, reader, writer, number: int) -> None:
+        transaction: _Transaction | None = None
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            command = line.decode("utf-8", "replace").rstrip("\r\n")
+            with self._lock:
+                self.commands.append((number, command))
+            verb = command[:4].upper()
+            if verb == "EHLO":
+                await self._answer(writer, self._take("ehlo"), "250-" + "\r\n250-".join(
+                    PIPELINING_EHLO[:-1]) + "\r\n250 " + PIPELINING_EHLO[-1])
+            elif verb == "HELO":
+                await self._answer(writer, self._take("ehlo"), "250 backend.test")
+            elif verb == "MAIL":
+                fault = self._take("mail")
+                if _accepts(fault):
+                    transaction = _Transaction(_path(command))
+                await self._answer(writer, fault, "250 2.1.0 Ok")
+            elif verb == "RCPT":
+                if transaction is None:
+                    await self._answer(writer, None, "503 5.5.1 Error: need MAIL command")
+                    continue
+                transaction.rcpt_count += 1
+                recipient = _path(command)
+                fault = self._take(f"rcpt:{transaction.rcpt_count}", "rcpt")
+                if self.users is not None and recipient not in self.users:
+                    normal = "550 5.1.1 User unknown"
+                else:
+                    normal = "250 2.1.5 Ok"
+                    if _accepts(fault):
+                        transaction.recipients.append(recipient)
+                await self._answer(writer, fault, normal)
+            elif verb == "DATA":
+                if transaction is None or not transaction.recipients:
+                    await self._answer(writer, None, "554 5.5.1 Error: no valid recipients")
+                    continue
+                fault = self._take("data")
+                await self._answer(writer, fault, "354 End data with <CR><LF>.<CR><LF>")
+                if not _accepts(fault):
+                    continue
+                data = await self._message(reader, writer)
+                fault = self._take("end")
+                if _accepts(fault):
+                    with self._lock:
+                        self.deliveries.append(Delivery(
+                            transaction.sender, transaction.recipients, data, number))
+                transaction = None
+                await self._answer(writer, fault, "250 2.0.0 Ok: queued")
+            elif verb == "RSET":
+                transaction = None
+                await self._answer(writer, self._take("rset"), "250 2.0.0 Ok")
+            elif verb == "QUIT":
+                await self._answer(writer, self._take("quit"), "221 2.0.0 Bye")
+                return
+            elif verb == "NOOP":
+                await self._answer(writer, None, "250 2.0.0 Ok")
+            else:
+                await self._answer(writer, None, "502 5.5.2 Error: command not recognized")
+
+    async def _message(self, reader, writer) -> bytes:
+        chunks = []
+        first = True
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise _Hangup
+            if first:
+                first = False
+                fault = self._take("chunk")
+                if fault is not None:
+                    await self._answer(writer, fault, "")
+            if line == b".\r\n":
+                return b"".join(chunks)
+            chunks.append(line)
+
+    async def _answer(self, writer: asyncio.StreamWriter, fault: Fault | None, normal: str) -> None:
+        """Write the normal reply, or what the fault says instead."""
+        if fault is None:
+            reply = normal
+        elif fault.kind == "reply":
+            reply = fault.text
+        elif fault.kind == "late":
+            await asyncio.sleep(fault.seconds)
+            reply = fault.text or normal
+        elif fault.kind == "hangup":
+            raise _Hangup
+        elif fault.kind == "stall":
+            await asyncio.sleep(3600)
+            raise _Hangup
+        elif fault.kind == "malformed":
+            reply = "hello, this is not SMTP"
+        elif fault.kind == "overlong":
+            reply = "250 " + "x" * 2000
+        elif fault.kind == "lines":
+            reply = "\r\n".join(f"250-line {i}" for i in range(fault.count - 1)) + "\r\n250 last"
+        else:
+            raise ValueError(f"unknown fault kind {fault.kind!r}")
+        if reply:
+            writer.write(reply.encode() + b"\r\n")
+            await writer.drain()
+
+
+def _accepts(fault: Fault | None) -> bool:
+    """Whether the backend takes the step as done, whatever the gate makes of its answer."""
+    if fault is None or fault.kind in ("overlong", "lines"):  # both say 250
+        return True
+    if fault.kind == "late":
+        return not fault.text or fault.text.startswith(("2", "3"))
+    return fault.kind == "reply" and fault.text.startswith(("2", "3"))
+
+
+def _path(command: str) -> str:
+    start, end = command.find("<"), command.find(">")
+    return command[start + 1:end] if 0 <= start < end else ""
