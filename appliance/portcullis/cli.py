@@ -33,8 +33,6 @@ def _setup_logging(level: str, name: str) -> None:
 def _load_checked(path: str) -> configuration.Config:
     """Load the configuration and the recipient list it names; ConfigError if either is bad."""
     config = configuration.load(path)
-    from .policy.dha import check_config as check_thresholds
-    check_thresholds(config, path)
     _check_worker_services(config)
     if config.recipients.source == "static":
         from .policy.recipients import RecipientListError, parse_recipient_list

@@ -8,6 +8,7 @@ value raises ConfigError naming the file, the line and the dotted key, so that
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import re
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -495,3 +496,16 @@ def _check_whole(config: Config, path: str) -> None:
         raise ConfigError(f"{path}: key 'recipients.ldap.base': required when source is ldap")
     if config.workers == 0:
         config.workers = os.cpu_count() or 1
+    _check_ascending(path, "dha", config.dha, ("tarpit_after", "suspect_after", "ban_after"))
+    _check_ascending(path, "dha", config.dha,
+                     ("prefix_tarpit_after", "prefix_suspect_after", "prefix_ban_after"))
+    _check_ascending(path, "score", config.score, ("tarpit", "tempfail", "ban"))
+
+
+def _check_ascending(path: str, section: str, settings, keys: tuple[str, ...]) -> None:
+    """Thresholds that must not decrease, such as the stages of the harvest defence."""
+    for low_key, high_key in itertools.pairwise(keys):
+        low, high = getattr(settings, low_key), getattr(settings, high_key)
+        if high < low:
+            raise ConfigError(f"{path}: key '{section}.{high_key}' ({high}) must not be "
+                              f"below '{section}.{low_key}' ({low})")

@@ -152,16 +152,16 @@ class Gate:
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration; keep the old one if the new one is bad."""
-        try:
+        try:  # build everything from the new file first; swap only if all of it works
             new = configuration.load(self.config_path)
+            dha = self._dha_engine(new)
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: %s", e)
             return
         if [str(a) for a in new.listen] != [str(a) for a in self.config.listen]:
             log.warning("listen addresses changed; they take effect on restart")
-        self.config = new
+        self.config, self.dha = new, dha
         self.table.configure(new)
-        self.dha = self._dha_engine(new)
         self.generation += 1
         for worker in self.workers:
             self._bring_up_to_date(worker)

@@ -1,10 +1,7 @@
-"""The before-queue relay to the internal mail server.
-
-A backend transaction starts when the first recipient passes local policy and ends
-with the backend's answer to the end of DATA, which becomes the client's answer.
-Every wait has a deadline; any failure becomes BackendUnavailable, which the session
-turns into a 4xx, so the sender retries and nothing is lost. Connections that ended
-a transaction cleanly are kept for reuse, which halves the TCP work per message.
+"""Connections to the internal mail server: connect, read replies with hard limits,
+and keep connections that ended a transaction cleanly for reuse, which halves the
+TCP work per message. Every wait has a deadline, and any failure becomes
+BackendUnavailable. What a failure means for the client is relay.py's business.
 """
 
 from __future__ import annotations
@@ -44,6 +41,10 @@ def parse_reply(lines: list[bytes]) -> Reply:
 
 
 class BackendConnection:
+    """One SMTP connection to the backend. Any fault (timeout, hang-up, a malformed,
+    over-long or over-many-line reply, a 421) closes it at once, so a connection that
+    might be out of step with its replies can never be used again."""
+
     def __init__(self, server: HostPort, reader: asyncio.StreamReader,
                  writer: asyncio.StreamWriter, config: Backend):
         self.server = server
@@ -61,28 +62,36 @@ class BackendConnection:
     async def read_reply(self, timeout: float) -> Reply:
         try:
             async with asyncio.timeout(timeout):
-                lines: list[bytes] = []
-                while True:
-                    line = await self.reader.readline()
-                    if not line.endswith(b"\n") or len(line) > MAX_REPLY_LINE:
-                        raise BackendUnavailable(f"{self.server}: connection closed or bad reply")
-                    if len(line) < 4 or not line[:3].isdigit() or line[3:4] not in b" -\r\n":
-                        raise BackendUnavailable(f"{self.server}: malformed reply {line[:40]!r}")
-                    lines.append(line)
-                    if line[3:4] != b"-":
-                        break
-                    if len(lines) > MAX_REPLY_LINES:
-                        raise BackendUnavailable(f"{self.server}: reply too long")
+                lines = await self._reply_lines()
         except TimeoutError:
-            self.broken = True
-            raise BackendUnavailable(f"{self.server}: no reply within {timeout:g}s") from None
+            raise self._fail(f"no reply within {timeout:g}s") from None
         except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
-            self.broken = True
-            raise BackendUnavailable(f"{self.server}: {e}") from None
+            raise self._fail(str(e) or type(e).__name__) from None
         reply = parse_reply(lines)
         if reply.code == 421:
-            self.broken = True
+            self.abort()  # the server is closing the connection
         return reply
+
+    async def _reply_lines(self) -> list[bytes]:
+        lines: list[bytes] = []
+        while True:
+            line = await self.reader.readline()
+            if not line.endswith(b"\n"):
+                raise self._fail("connection closed")
+            if len(line) > MAX_REPLY_LINE:
+                raise self._fail("reply line too long")
+            if (len(line) < 4 or not line[:3].isdigit() or line[3:4] not in b" -\r\n"
+                    or (lines and line[:3] != lines[0][:3])):
+                raise self._fail(f"malformed reply {line[:40]!r}")
+            lines.append(line)
+            if line[3:4] != b"-":
+                return lines
+            if len(lines) >= MAX_REPLY_LINES:
+                raise self._fail(f"reply of more than {MAX_REPLY_LINES} lines")
+
+    def _fail(self, problem: str) -> BackendUnavailable:
+        self.abort()
+        return BackendUnavailable(f"{self.server}: {problem}")
 
     async def command(self, line: str, timeout: float | None = None) -> Reply:
         self.writer.write(line.encode("ascii") + b"\r\n")
@@ -96,11 +105,15 @@ class BackendConnection:
                 async with asyncio.timeout(self.config.data_timeout):
                     await self.writer.drain()
             except (TimeoutError, ConnectionError) as e:
-                self.broken = True
-                raise BackendUnavailable(f"{self.server}: stalled during DATA ({e!r})") from None
+                raise self._fail(f"stalled during DATA ({e!r})") from None
+
+    async def end_data(self) -> Reply:
+        """Write the final dot; the backend's answer to the whole message."""
+        self.writer.write(b".\r\n")
+        return await self.read_reply(self.config.data_timeout)
 
     def abort(self) -> None:
-        """Drop the connection without finishing DATA: the backend discards the message."""
+        """Drop the connection; a backend mid-DATA discards the message."""
         self.broken = True
         self.writer.transport.abort()
 
@@ -154,19 +167,18 @@ class BackendPool:
         """Open a transaction: MAIL FROM and the first RCPT TO, pipelined when offered.
 
         Returns the connection with the MAIL and RCPT replies. A pooled connection
-        that turns out to be dead is replaced once; nothing was accepted on it.
+        that turns out to be dead or closing is replaced once; nothing was accepted on it.
         """
-        for attempt in (1, 2):
-            connection = self._take_idle() if attempt == 1 else None
-            reused = connection is not None
-            connection = connection or await self._connect()
+        connection = self._take_idle()
+        if connection is not None:
             try:
-                return (connection, *await self._mail_and_rcpt(connection, sender, recipient))
+                mail_reply, rcpt_reply = await self._mail_and_rcpt(connection, sender, recipient)
+                if mail_reply.code != 421:
+                    return connection, mail_reply, rcpt_reply
             except BackendUnavailable:
-                connection.abort()
-                if not reused:
-                    raise
-        raise AssertionError("unreachable")
+                pass
+        connection = await self._connect()
+        return (connection, *await self._mail_and_rcpt(connection, sender, recipient))
 
     async def _mail_and_rcpt(self, connection: BackendConnection, sender: MailFrom,
                              recipient: str) -> tuple[Reply, Reply]:
@@ -185,14 +197,8 @@ class BackendPool:
             return mail_reply, mail_reply
         return mail_reply, await connection.command(f"RCPT TO:<{recipient}>")
 
-    async def finish(self, connection: BackendConnection, reset: bool) -> None:
-        """Return a connection to the pool after a transaction (RSET first if it is open)."""
-        if reset and connection.usable:
-            try:
-                if (await connection.command("RSET")).code != 250:
-                    connection.broken = True
-            except BackendUnavailable:
-                pass
+    def give_back(self, connection: BackendConnection) -> None:
+        """Keep a connection whose transaction ended cleanly for the next one."""
         if connection.usable and len(self._idle) < self.MAX_IDLE:
             connection.idle_since = time.monotonic()
             self._idle.append(connection)

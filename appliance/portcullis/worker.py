@@ -7,9 +7,11 @@ import json
 import logging
 import signal
 import socket
+from collections import deque
 
 from . import config as configuration
 from . import metrics, tls
+from .client_connection import ClientConnection
 from .config import Config, ConfigError
 from .firewall import BanClient
 from .metrics import Tally
@@ -24,6 +26,7 @@ log = logging.getLogger("portcullis.worker")
 
 REPORT_INTERVAL = 1.0
 SHUTDOWN_GRACE = 10.0
+MAX_DONE_PER_REPORT = 2000  # keeps a report well inside the gate's 64 KiB read
 
 
 def recipient_directory(config: Config):
@@ -55,6 +58,8 @@ class WorkerProcess:
         self.tally = Tally()
         self._directory_counts = (0, 0)  # cache hits and misses already reported
         self.done: list[int] = []
+        self.outbox: deque[bytes] = deque()  # reports waiting for room on the control socket
+        self._waiting_to_send = False
         self.sessions: set[asyncio.Task] = set()
         self.store = reputation.open_store(config)
         self.bans = BanClient(config.ban_socket) if config.ban_socket else None
@@ -79,6 +84,9 @@ class WorkerProcess:
             await asyncio.wait(self.sessions, timeout=SHUTDOWN_GRACE)
         reporter.cancel()
         self._report()
+        self.control.setblocking(True)  # the last reports must reach the gate
+        self.control.settimeout(1.0)
+        self._send_reports()
         if self.bans:
             await self.bans.close()
         self.store.close()
@@ -121,10 +129,11 @@ class WorkerProcess:
 
     async def _serve(self, sock: socket.socket, info: dict) -> None:
         try:
-            reader, writer = await _server_streams(sock)
+            connection = ClientConnection()
+            await self.loop.connect_accepted_socket(lambda: connection, sock)
             client = Client(info["ip"], info["port"], info["stress"], info["allowlisted"],
                             info["pregreet_failed"])
-            await Session(self.services, reader, writer, client).run()
+            await Session(self.services, connection, client).run()
         except Exception:  # one broken session must never take the worker down
             log.exception("session for %s failed", info.get("ip"))
             sock.close()
@@ -150,25 +159,31 @@ class WorkerProcess:
 
     def _report(self) -> None:
         self._tally_directory()
-        report: dict = {}
-        if self.done:
-            report["done"], self.done = self.done, []
+        done, self.done = self.done, []
+        for start in range(0, len(done), MAX_DONE_PER_REPORT):
+            self.outbox.append(json.dumps({"done": done[start:start + MAX_DONE_PER_REPORT]})
+                               .encode())
         counts = self.tally.drain()
         if counts:
-            report["tally"] = counts
-        if report:
+            self.outbox.append(json.dumps({"tally": counts}).encode())
+        self._send_reports()
+
+    def _send_reports(self) -> None:
+        """Send queued reports in order; when the socket is full, go on once it drains.
+        A lost `done` would leave its connection counted in the gate until restart."""
+        fd = self.control.fileno()
+        while self.outbox:
             try:
-                self.control.send(json.dumps(report).encode())
+                self.control.send(self.outbox[0])
+            except BlockingIOError:
+                if not self._waiting_to_send:
+                    self._waiting_to_send = True
+                    self.loop.add_writer(fd, self._send_reports)
+                return
             except OSError as e:
                 log.error("cannot report to the gate: %s", e)
-
-
-async def _server_streams(sock: socket.socket) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Streams for an accepted socket, on the server side (so STARTTLS acts as a server)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 16)
-    connected: asyncio.Future = loop.create_future()
-    protocol = asyncio.StreamReaderProtocol(
-        reader, lambda _reader, writer: connected.set_result(writer))
-    await loop.connect_accepted_socket(lambda: protocol, sock)
-    return reader, await connected
+                return
+            self.outbox.popleft()
+        if self._waiting_to_send:
+            self._waiting_to_send = False
+            self.loop.remove_writer(fd)

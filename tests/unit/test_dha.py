@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 from portcullis import config
-from portcullis.policy.dha import CLOSING, TRY_LATER, DhaEngine, check_config
+from portcullis.policy.dha import CLOSING, TRY_LATER, DhaEngine
 from portcullis.policy.reputation import DATABASE_NAME, MemoryStore, SqliteStore
 from portcullis.policy.score import ConnectionScore, Signal, Stage
 
@@ -263,14 +263,11 @@ def test_bans_survive_a_restart_and_are_sent_to_the_firewall_again(tmp_path):
 
 
 def test_out_of_order_thresholds_are_a_config_error():
-    settings = config.Config()
-    settings.dha.prefix_suspect_after = 40
     with pytest.raises(config.ConfigError,
-                       match=r"'dha.prefix_ban_after' \(30\) must not be below "
-                             r"'dha.prefix_suspect_after' \(40\)"):
-        check_config(settings, "portcullis.yaml")
-    with pytest.raises(config.ConfigError):
-        DhaEngine(settings, MemoryStore(600.0))
+                       match=r"portcullis.yaml: key 'dha.prefix_ban_after' \(30\) must not be "
+                             r"below 'dha.prefix_suspect_after' \(40\)"):
+        config.loads("relay_domains: [example.org]\nbackend: {servers: ['127.0.0.1:25']}\n"
+                     "dha: {prefix_suspect_after: 40}\n", "portcullis.yaml")
 
 
 def test_a_peer_that_is_not_an_ip_address_is_refused_clearly():

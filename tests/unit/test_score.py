@@ -2,7 +2,7 @@
 
 import pytest
 from portcullis import config
-from portcullis.policy.score import ConnectionScore, Signal, Stage, check_config
+from portcullis.policy.score import ConnectionScore, Signal, Stage
 
 
 def make_score(**overrides) -> ConnectionScore:
@@ -78,7 +78,8 @@ def test_thresholds_are_configurable():
 def test_thresholds_out_of_order_are_a_config_error_naming_the_key():
     with pytest.raises(config.ConfigError, match=r"'score.ban' \(8.0\) must not be below "
                                                  r"'score.tempfail' \(10.0\)"):
-        check_config(config.Score(ban=8.0), "/etc/portcullis/portcullis.yaml")
+        config.loads("relay_domains: [example.org]\nbackend: {servers: ['127.0.0.1:25']}\n"
+                     "score: {ban: 8}\n", "/etc/portcullis/portcullis.yaml")
 
 
 def test_weights_load_from_yaml_and_bad_values_name_the_line():

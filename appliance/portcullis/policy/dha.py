@@ -63,8 +63,7 @@ from ..addresses import canonical, prefix_of
 from ..config import Network
 from ..smtp.replies import Reply
 from .reputation import ReputationStore
-from .score import ConnectionScore, Signal, Stage, check_ascending
-from .score import check_config as check_score_config
+from .score import ConnectionScore, Signal, Stage
 
 log = logging.getLogger("portcullis.dha")
 
@@ -104,14 +103,6 @@ class _Client:
     exempt: bool
 
 
-def check_config(config, path: str = "<config>") -> None:
-    """Raise ConfigError when DHA or score thresholds are out of order."""
-    check_ascending("dha", config.dha, ("tarpit_after", "suspect_after", "ban_after"), path)
-    check_ascending("dha", config.dha,
-                    ("prefix_tarpit_after", "prefix_suspect_after", "prefix_ban_after"), path)
-    check_score_config(config.score, path)
-
-
 class DhaEngine:
     """Staged response to invalid recipients and to the connection score; see module doc.
 
@@ -122,7 +113,6 @@ class DhaEngine:
     def __init__(self, config, store: ReputationStore,
                  on_ban: Callable[[str, int], None] | None = None,
                  clock: Callable[[], float] = time.time):
-        check_config(config)
         self.settings = config.dha
         self.ban_ttl = config.reputation.ban_ttl
         self.ipv4_prefix = config.limits.ipv4_prefix

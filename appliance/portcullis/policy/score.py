@@ -32,9 +32,8 @@ Why the default weights and thresholds are what they are:
 from __future__ import annotations
 
 import enum
-import itertools
 
-from ..config import ConfigError, Score
+from ..config import Score
 
 
 class Stage(enum.IntEnum):
@@ -58,20 +57,6 @@ class Signal(enum.Enum):
 
 
 LABELS = {Stage.TARPIT: "SCORE_TARPIT", Stage.TEMPFAIL: "SCORE_TEMPFAIL", Stage.BAN: "SCORE_BAN"}
-
-
-def check_ascending(section: str, settings, keys: tuple[str, ...], path: str) -> None:
-    """Raise ConfigError unless the thresholds named by keys do not decrease."""
-    for low_key, high_key in itertools.pairwise(keys):
-        low, high = getattr(settings, low_key), getattr(settings, high_key)
-        if high < low:
-            raise ConfigError(f"{path}: key '{section}.{high_key}' ({high}) must not be "
-                              f"below '{section}.{low_key}' ({low})")
-
-
-def check_config(settings: Score, path: str = "<config>") -> None:
-    """Raise ConfigError when the thresholds are out of order."""
-    check_ascending("score", settings, ("tarpit", "tempfail", "ban"), path)
 
 
 class ConnectionScore:

@@ -3,10 +3,9 @@
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from portcullis.smtp import replies
-from portcullis.smtp import state as smtp
+from portcullis import smtp
+from portcullis.smtp import ProtocolLimits, SmtpServer, State, replies
 from portcullis.smtp.replies import Reply
-from portcullis.smtp.state import ProtocolLimits, SmtpServer, State
 
 
 class Driver:

@@ -1,0 +1,123 @@
+"""Bytes to SMTP units, with hard limits: command lines, and message content.
+
+A command line is at most 512 octets and a text line in DATA at most 1000 (RFC 5321
+4.5.3.1). Input that breaks them is refused, never silently chopped, and memory stays
+bounded by those limits whatever the peer sends. Both framers work on the server's
+input buffer in place and keep only the little state a line split across reads needs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Problem(enum.Enum):
+    LINE_TOO_LONG = "LINE_TOO_LONG"
+    BAD_BYTES = "BAD_BYTES"  # NUL, bare CR or 8-bit octets in a command
+    BARE_LF = "BARE_LF"  # bare CR or LF in message content: possible SMTP smuggling
+    SIZE = "SIZE"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageEnd:
+    """The final dot arrived; `problem` is the first limit the message broke, if any."""
+
+    problem: Problem | None
+
+
+class CommandLines:
+    def __init__(self, max_line: int):
+        self.max_line = max_line  # octets including CRLF
+        self._discarding = False  # skipping the rest of an overlong line
+
+    def next_line(self, buf: bytearray) -> str | Problem | None:
+        """The next command line without CRLF, a Problem, or None until more arrives."""
+        limit = self.max_line
+        if self._discarding:
+            newline = buf.find(b"\n")
+            if newline < 0:
+                buf.clear()
+                return None
+            del buf[: newline + 1]
+            self._discarding = False
+        newline = buf.find(b"\n", 0, limit)
+        if newline < 0:
+            if len(buf) < limit:
+                return None
+            rest = buf.find(b"\n", limit)
+            if rest < 0:
+                self._discarding = True  # its end has not arrived yet
+                buf.clear()
+            else:
+                del buf[: rest + 1]
+            return Problem.LINE_TOO_LONG
+        raw = bytes(buf[:newline])
+        del buf[: newline + 1]
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        if not raw.isascii() or b"\0" in raw or b"\r" in raw:
+            return Problem.BAD_BYTES
+        return raw.decode("ascii")
+
+
+class MessageLines:
+    """Message content up to the final dot, passed on in chunks of whole, valid lines.
+
+    Once a line is too long or the message too big, the rest is read and dropped, and
+    MessageEnd names the problem. A bare CR or LF ends everything (Problem.BARE_LF):
+    DATA ends only at CRLF.CRLF, so no second message can be smuggled inside.
+    """
+
+    def __init__(self, max_line: int, max_size: int):
+        self.max_line = max_line
+        self.max_size = max_size
+        self.start()
+
+    def start(self) -> None:
+        self.problem: Problem | None = None
+        self.size = 0  # unstuffed octets so far
+        self._line_start = True  # the next byte starts a line
+
+    def next_chunk(self, buf: bytearray) -> bytes | MessageEnd | Problem | None:
+        limit = self.max_line
+        start = 0
+        end_of_message = False
+        problem = self.problem
+        size = self.size
+        while True:
+            newline = buf.find(b"\n", start)
+            if newline < 0:
+                if len(buf) - start > limit:
+                    # An unfinished line this long can never become valid: drop it,
+                    # but keep a trailing CR, which may pair with the next LF.
+                    problem = problem or Problem.LINE_TOO_LONG
+                    start = len(buf) - 1 if buf.endswith(b"\r") else len(buf)
+                    self._line_start = False
+                break
+            line_start = self._line_start
+            self._line_start = True
+            if newline == start or buf[newline - 1] != 13 or buf.find(b"\r", start, newline - 1) >= 0:
+                buf.clear()
+                return Problem.BARE_LF
+            length = newline + 1 - start
+            if line_start and length == 3 and buf[start] == 46:  # ".\r\n"
+                end_of_message = True
+                break
+            if length > limit or not line_start:
+                problem = problem or Problem.LINE_TOO_LONG
+            size += length - 1 if line_start and buf[start] == 46 else length  # unstuffed
+            if size > self.max_size:
+                problem = problem or Problem.SIZE
+            start = newline + 1
+        self.size = size
+        self.problem = problem
+        if problem is None and start:
+            chunk = bytes(buf[:start])
+            del buf[:start]  # a final dot stays in the buffer for the next call
+            return chunk
+        if not end_of_message:
+            del buf[:start]
+            return None
+        del buf[: start + 3]
+        return MessageEnd(problem)
