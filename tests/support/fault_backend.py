@@ -11,7 +11,9 @@ A fault is planned for one step of the protocol and used once:
     backend.plan("end", Fault.late(5))             # answer the final dot after 5 s
 
 Steps: banner, ehlo, mail, rcpt (any), rcpt:N (the N-th in a transaction), data,
-chunk (the first message bytes after 354), end (the final dot), rset, quit.
+chunk (the first message bytes after 354: the fault's reply, then a hang-up), end (the final dot), rset, quit. A fault
+planned with `sender=` applies only to that sender's transaction, so that clients
+running side by side each meet their own faults.
 Fault kinds: reply (any code), hangup, stall (never answer), late (answer after a
 delay), malformed, overlong (a 2,000-octet line), lines (an N-line reply).
 """
@@ -98,7 +100,8 @@ class FaultBackend:
         self.deliveries: list[Delivery] = []
         self.commands: list[tuple[int, str]] = []  # (connection number, command line)
         self.connections = 0
-        self._faults: dict[str, Fault] = {}
+        self.fired: list[tuple[str, str, Fault]] = []  # (sender, step, fault) as used
+        self._faults: dict[tuple[str | None, str], Fault] = {}
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="fault-backend",
@@ -123,16 +126,15 @@ class FaultBackend:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
-    def plan(self, step: str, fault: Fault) -> None:
+    def plan(self, step: str, fault: Fault, sender: str | None = None) -> None:
         with self._lock:
-            self._faults[step] = fault
+            self._faults[sender, step] = fault
 
-    def clear(self) -> None:
-        """Forget planned faults and recorded traffic."""
+    def forget(self, sender: str) -> None:
+        """Drop the faults planned for `sender` that its transaction never reached."""
         with self._lock:
-            self._faults.clear()
-            self.deliveries.clear()
-            self.commands.clear()
+            for key in [key for key in self._faults if key[0] == sender]:
+                del self._faults[key]
 
     def delivered_to(self, recipient: str) -> list[Delivery]:
         with self._lock:
@@ -146,11 +148,14 @@ class FaultBackend:
 
     # --- the server, on its own loop ----------------------------------------------------
 
-    def _take(self, *steps: str) -> Fault | None:
+    def _take(self, transaction: _Transaction | None, *steps: str) -> Fault | None:
+        sender = transaction.sender if transaction else None
         with self._lock:
-            for step in steps:
-                if step in self._faults:
-                    return self._faults.pop(step)
+            for key in [(sender, step) for step in steps] + [(None, step) for step in steps]:
+                if key in self._faults:
+                    fault = self._faults.pop(key)
+                    self.fired.append((sender or "", key[1], fault))
+                    return fault
         return None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -159,7 +164,7 @@ class FaultBackend:
             self.connections += 1
             number = self.connections
         try:
-            await self._answer(writer, self._take("banner"), "220 backend.test ESMTP")
+            await self._answer(writer, self._take(None, "banner"), "220 backend.test ESMTP")
             await self._session(reader, writer, number)
         except (_Hangup, ConnectionError, asyncio.IncompleteReadError):
             pass
@@ -178,14 +183,15 @@ class FaultBackend:
                 self.commands.append((number, command))
             verb = command[:4].upper()
             if verb == "EHLO":
-                await self._answer(writer, self._take("ehlo"), "250-" + "\r\n250-".join(
+                await self._answer(writer, self._take(None, "ehlo"), "250-" + "\r\n250-".join(
                     PIPELINING_EHLO[:-1]) + "\r\n250 " + PIPELINING_EHLO[-1])
             elif verb == "HELO":
-                await self._answer(writer, self._take("ehlo"), "250 backend.test")
+                await self._answer(writer, self._take(None, "ehlo"), "250 backend.test")
             elif verb == "MAIL":
-                fault = self._take("mail")
+                attempt = _Transaction(_path(command))
+                fault = self._take(attempt, "mail")
                 if _accepts(fault):
-                    transaction = _Transaction(_path(command))
+                    transaction = attempt
                 await self._answer(writer, fault, "250 2.1.0 Ok")
             elif verb == "RCPT":
                 if transaction is None:
@@ -193,7 +199,7 @@ class FaultBackend:
                     continue
                 transaction.rcpt_count += 1
                 recipient = _path(command)
-                fault = self._take(f"rcpt:{transaction.rcpt_count}", "rcpt")
+                fault = self._take(transaction, f"rcpt:{transaction.rcpt_count}", "rcpt")
                 if self.users is not None and recipient not in self.users:
                     normal = "550 5.1.1 User unknown"
                 else:
@@ -205,12 +211,12 @@ class FaultBackend:
                 if transaction is None or not transaction.recipients:
                     await self._answer(writer, None, "554 5.5.1 Error: no valid recipients")
                     continue
-                fault = self._take("data")
+                fault = self._take(transaction, "data")
                 await self._answer(writer, fault, "354 End data with <CR><LF>.<CR><LF>")
                 if not _accepts(fault):
                     continue
-                data = await self._message(reader, writer)
-                fault = self._take("end")
+                data = await self._message(reader, writer, transaction)
+                fault = self._take(transaction, "end")
                 if _accepts(fault):
                     with self._lock:
                         self.deliveries.append(Delivery(
@@ -218,17 +224,18 @@ class FaultBackend:
                 transaction = None
                 await self._answer(writer, fault, "250 2.0.0 Ok: queued")
             elif verb == "RSET":
+                fault = self._take(transaction, "rset")
                 transaction = None
-                await self._answer(writer, self._take("rset"), "250 2.0.0 Ok")
+                await self._answer(writer, fault, "250 2.0.0 Ok")
             elif verb == "QUIT":
-                await self._answer(writer, self._take("quit"), "221 2.0.0 Bye")
+                await self._answer(writer, self._take(None, "quit"), "221 2.0.0 Bye")
                 return
             elif verb == "NOOP":
                 await self._answer(writer, None, "250 2.0.0 Ok")
             else:
                 await self._answer(writer, None, "502 5.5.2 Error: command not recognized")
 
-    async def _message(self, reader, writer) -> bytes:
+    async def _message(self, reader, writer, transaction: _Transaction) -> bytes:
         chunks = []
         first = True
         while True:
@@ -237,9 +244,10 @@ class FaultBackend:
                 raise _Hangup
             if first:
                 first = False
-                fault = self._take("chunk")
-                if fault is not None:
+                fault = self._take(transaction, "chunk")
+                if fault is not None:  # as Postfix does mid-DATA: a last word, then close
                     await self._answer(writer, fault, "")
+                    raise _Hangup
             if line == b".\r\n":
                 return b"".join(chunks)
             chunks.append(line)

@@ -104,9 +104,11 @@ class MessageLines:
             if line_start and length == 3 and buf[start] == 46:  # ".\r\n"
                 end_of_message = True
                 break
+            if line_start and buf[start] == 46:
+                length -= 1  # the dot doubled for transparency counts toward no limit
             if length > limit or not line_start:
                 problem = problem or Problem.LINE_TOO_LONG
-            size += length - 1 if line_start and buf[start] == 46 else length  # unstuffed
+            size += length
             if size > self.max_size:
                 problem = problem or Problem.SIZE
             start = newline + 1
