@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 from . import metrics, smtp
-from .client_connection import ClientConnection
 from .config import Config
 from .policy import RecipientDirectory
 from .policy.chain import Client, PolicyChain
@@ -26,6 +25,7 @@ from .policy.dns_checks import DnsChecker
 from .relay import RelayTransaction
 from .smtp import replies
 from .smtp.replies import Reply
+from .stream import ByteStream
 from .upstream import BackendPool
 
 __all__ = ["Client", "Services", "Session"]
@@ -76,7 +76,7 @@ class Transaction:
 
 
 class Session:
-    def __init__(self, services: Services, connection: ClientConnection, client: Client):
+    def __init__(self, services: Services, connection: ByteStream, client: Client):
         self.services = services
         self.config = services.config
         self.connection = connection

@@ -14,6 +14,7 @@ import time
 from .config import Backend, HostPort
 from .smtp.commands import MailFrom
 from .smtp.replies import Reply
+from .stream import ByteStream
 
 log = logging.getLogger("portcullis.upstream")
 
@@ -42,22 +43,23 @@ def parse_reply(lines: list[bytes]) -> Reply:
 
 class BackendConnection:
     """One SMTP connection to the backend. Any fault (timeout, hang-up, a malformed,
-    over-long or over-many-line reply, a 421) closes it at once, so a connection that
-    might be out of step with its replies can never be used again."""
+    over-long or over-many-line reply, a 421, a reply out of turn) closes it at once,
+    so a connection that might be out of step with its replies is never used again."""
 
-    def __init__(self, server: HostPort, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter, config: Backend):
+    def __init__(self, server: HostPort, stream: ByteStream, config: Backend):
         self.server = server
-        self.reader = reader
-        self.writer = writer
+        self.stream = stream
         self.config = config
         self.pipelining = False
         self.idle_since = 0.0
         self.broken = False
+        self._unread = bytearray()  # received, not yet taken as reply lines
 
     @property
     def usable(self) -> bool:
-        return not (self.broken or self.reader.at_eof() or self.writer.is_closing())
+        """Fit to carry a new transaction: open, and with nothing said out of turn."""
+        return not (self.broken or self.stream.is_closing or self.stream.at_eof
+                    or self._unread or self.stream.buffered)
 
     async def read_reply(self, timeout: float) -> Reply:
         try:
@@ -65,7 +67,7 @@ class BackendConnection:
                 lines = await self._reply_lines()
         except TimeoutError:
             raise self._fail(f"no reply within {timeout:g}s") from None
-        except (ConnectionError, asyncio.LimitOverrunError, ValueError) as e:
+        except ConnectionError as e:
             raise self._fail(str(e) or type(e).__name__) from None
         reply = parse_reply(lines)
         if reply.code == 421:
@@ -75,11 +77,7 @@ class BackendConnection:
     async def _reply_lines(self) -> list[bytes]:
         lines: list[bytes] = []
         while True:
-            line = await self.reader.readline()
-            if not line.endswith(b"\n"):
-                raise self._fail("connection closed")
-            if len(line) > MAX_REPLY_LINE:
-                raise self._fail("reply line too long")
+            line = await self._line()
             if (len(line) < 4 or not line[:3].isdigit() or line[3:4] not in b" -\r\n"
                     or (lines and line[:3] != lines[0][:3])):
                 raise self._fail(f"malformed reply {line[:40]!r}")
@@ -89,33 +87,54 @@ class BackendConnection:
             if len(lines) >= MAX_REPLY_LINES:
                 raise self._fail(f"reply of more than {MAX_REPLY_LINES} lines")
 
+    async def _line(self) -> bytes:
+        unread = self._unread
+        while True:
+            end = unread.find(b"\n", 0, MAX_REPLY_LINE)
+            if end >= 0:
+                line = bytes(unread[: end + 1])
+                del unread[: end + 1]
+                return line
+            if len(unread) >= MAX_REPLY_LINE:
+                raise self._fail("reply line too long")
+            data = await self.stream.read()
+            if not data:
+                raise self._fail("connection closed")
+            unread += data
+
     def _fail(self, problem: str) -> BackendUnavailable:
         self.abort()
         return BackendUnavailable(f"{self.server}: {problem}")
 
     async def command(self, line: str, timeout: float | None = None) -> Reply:
-        self.writer.write(line.encode("ascii") + b"\r\n")
+        self.stream.write(line.encode("ascii") + b"\r\n")
         return await self.read_reply(timeout or self.config.command_timeout)
 
     async def send_data(self, data: bytes) -> None:
         """Write message content; wait while the backend's socket buffer is full."""
-        self.writer.write(data)
-        if self.writer.transport.get_write_buffer_size() > 256 * 1024:
+        self.stream.write(data)
+        if self.stream.write_buffer_size > 256 * 1024:
             try:
                 async with asyncio.timeout(self.config.data_timeout):
-                    await self.writer.drain()
+                    await self.stream.drain()
             except (TimeoutError, ConnectionError) as e:
                 raise self._fail(f"stalled during DATA ({e!r})") from None
 
     async def end_data(self) -> Reply:
-        """Write the final dot; the backend's answer to the whole message."""
-        self.writer.write(b".\r\n")
+        """Write the final dot; the backend's answer to the whole message. A reply that
+        came before the dot answers something else, so it makes the message fail."""
+        if self._unread or self.stream.buffered:
+            raise self._fail("replied during DATA, before the final dot")
+        self.stream.write(b".\r\n")
         return await self.read_reply(self.config.data_timeout)
+
+    def write(self, data: bytes) -> None:
+        self.stream.write(data)
 
     def abort(self) -> None:
         """Drop the connection; a backend mid-DATA discards the message."""
         self.broken = True
-        self.writer.transport.abort()
+        self.stream.abort()
 
 
 class BackendPool:
@@ -134,12 +153,12 @@ class BackendPool:
         for server in self.config.servers:
             try:
                 async with asyncio.timeout(self.config.connect_timeout):
-                    reader, writer = await asyncio.open_connection(
-                        server.host, server.port, limit=MAX_REPLY_LINE * 4)
+                    _, stream = await asyncio.get_running_loop().create_connection(
+                        ByteStream, server.host, server.port)
             except OSError as e:  # TimeoutError is an OSError too
                 problems.append(f"{server}: {e.strerror or 'connect timed out'}")
                 continue
-            connection = BackendConnection(server, reader, writer, self.config)
+            connection = BackendConnection(server, stream, self.config)
             try:
                 banner = await connection.read_reply(self.config.connect_timeout)
                 if banner.code != 220:
@@ -188,7 +207,7 @@ class BackendPool:
         if sender.body:
             mail += f" BODY={sender.body}"
         if connection.pipelining:
-            connection.writer.write(f"{mail}\r\nRCPT TO:<{recipient}>\r\n".encode("ascii"))
+            connection.write(f"{mail}\r\nRCPT TO:<{recipient}>\r\n".encode("ascii"))
             mail_reply = await connection.read_reply(self.config.command_timeout)
             rcpt_reply = await connection.read_reply(self.config.command_timeout)
             return mail_reply, rcpt_reply

@@ -11,7 +11,6 @@ from collections import deque
 
 from . import config as configuration
 from . import metrics, tls
-from .client_connection import ClientConnection
 from .config import Config, ConfigError
 from .firewall import BanClient
 from .metrics import Tally
@@ -20,6 +19,7 @@ from .policy.dha import DhaEngine
 from .policy.dns_checks import DnsChecker
 from .policy.recipients import StaticRecipients
 from .session import Client, Services, Session
+from .stream import ByteStream
 from .upstream import BackendPool
 
 log = logging.getLogger("portcullis.worker")
@@ -129,7 +129,7 @@ class WorkerProcess:
 
     async def _serve(self, sock: socket.socket, info: dict) -> None:
         try:
-            connection = ClientConnection()
+            connection = ByteStream()
             await self.loop.connect_accepted_socket(lambda: connection, sock)
             client = Client(info["ip"], info["port"], info["stress"], info["allowlisted"],
                             info["pregreet_failed"])

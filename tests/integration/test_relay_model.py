@@ -64,6 +64,8 @@ FAULTS = [
     Fault.overlong(),
     Fault.lines(100),
 ]
+# What a real server does mid-DATA: a last word (never a 2xx or 3xx), or silence.
+FAULTS_MID_DATA = [f for f in FAULTS if f.kind != "reply" or f.text[0] in "45"]
 
 
 def _fault_name(fault: Fault) -> str:
@@ -122,7 +124,8 @@ def message_plans(draw) -> MessagePlan:
         pipelined=draw(st.booleans()),
         starttls=draw(st.integers(0, 9)) == 9,
         abandon=draw(st.integers(0, 9)) == 9,
-        faults={step: draw(st.sampled_from(FAULTS)) for step in steps},
+        faults={step: draw(st.sampled_from(FAULTS_MID_DATA if step == "chunk" else FAULTS))
+                for step in steps},
         connection_fault=(draw(st.sampled_from(["banner", "ehlo"])), draw(st.sampled_from(FAULTS)))
         if draw(st.integers(0, 49)) == 49 else None,
     )
@@ -244,9 +247,10 @@ def check(outcome: Outcome, plan: MessagePlan, deliveries, tally: Tally) -> None
         if code >= 500 and not explained:
             tally.transient_to_permanent.append(f"{outcome.sender} RCPT {recipient}: {code} "
                                                 f"with faults {plan.faults}")
-    for step, code in (("data", outcome.data_code), ("end", outcome.final)):
-        if code is not None and code >= 500 and step not in permanent:
-            tally.transient_to_permanent.append(f"{outcome.sender} {step}: {code} "
+    # A last word mid-DATA can cross the final dot and be read as the answer to it.
+    for steps, code in ((("data",), outcome.data_code), (("chunk", "end"), outcome.final)):
+        if code is not None and code >= 500 and not permanent.intersection(steps):
+            tally.transient_to_permanent.append(f"{outcome.sender} {steps[-1]}: {code} "
                                                 f"with faults {plan.faults}")
 
 

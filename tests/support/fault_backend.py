@@ -122,6 +122,10 @@ class FaultBackend:
             self._server.close()
             for writer in list(self._writers):
                 writer.transport.abort()
+            sessions = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in sessions:
+                task.cancel()
+            await asyncio.gather(*sessions, return_exceptions=True)
         asyncio.run_coroutine_threadsafe(shut(), self._loop).result(5)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
@@ -200,12 +204,10 @@ class FaultBackend:
                 transaction.rcpt_count += 1
                 recipient = _path(command)
                 fault = self._take(transaction, f"rcpt:{transaction.rcpt_count}", "rcpt")
-                if self.users is not None and recipient not in self.users:
-                    normal = "550 5.1.1 User unknown"
-                else:
-                    normal = "250 2.1.5 Ok"
-                    if _accepts(fault):
-                        transaction.recipients.append(recipient)
+                known = self.users is None or recipient in self.users
+                normal = "250 2.1.5 Ok" if known else "550 5.1.1 User unknown"
+                if _accepts(fault) if fault else known:
+                    transaction.recipients.append(recipient)
                 await self._answer(writer, fault, normal)
             elif verb == "DATA":
                 if transaction is None or not transaction.recipients:

@@ -1,10 +1,12 @@
-"""The client's socket as the session sees it: bytes in, bytes out, and STARTTLS.
+"""A TCP connection as the gate sees it: bytes in, bytes out, and STARTTLS.
 
-An asyncio protocol with a small read buffer of its own, so that the session decides
-what happens to every byte received. For STARTTLS that matters: reading stops and
-everything received so far is discarded before the 220 is written, so nothing sent
-in plaintext after the command can be processed inside TLS (CVE-2011-0411), whatever
-the session awaited meanwhile.
+An asyncio protocol with a small read buffer of its own, so that its owner knows and
+decides what happens to every byte received. Two things need that:
+- STARTTLS: reading stops and everything received so far is discarded before the 220
+  is written, so nothing sent in plaintext after the command can be processed inside
+  TLS (CVE-2011-0411), whatever the session awaited meanwhile;
+- the backend relay: a reply that arrived out of turn is seen, and the connection
+  that carried it is never trusted again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import ssl
 READ_LIMIT = 1 << 16  # bytes buffered before reading from the socket pauses
 
 
-class ClientConnection(asyncio.Protocol):
+class ByteStream(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._received = bytearray()
@@ -55,7 +57,20 @@ class ClientConnection(asyncio.Protocol):
         self._writing_paused = False
         self._wake_writer()
 
-    # --- for the session ------------------------------------------------------------------
+    # --- for the owner --------------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not read yet."""
+        return len(self._received)
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._received
+
+    @property
+    def is_closing(self) -> bool:
+        return self.transport is None or self.transport.is_closing()
 
     async def read(self) -> bytes:
         """What arrived since the last read; b"" once the client closed its side."""
