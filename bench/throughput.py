@@ -13,7 +13,11 @@ Idle connections: opens many silent connections from several 127.0.0.x addresses
 counts which got a banner, a refusal or nothing, the memory per held connection, and
 how long a legitimate delivery from another address takes meanwhile.
 
+With --baseline REV, Portcullis as of git revision REV runs too, as one more target, so
+that a change is measured against what it changes in the same run.
+
 Usage: bench/throughput.py [--quick] [--messages N] [--rounds N] [--idle N] [--targets ...]
+                           [--baseline REV]
 (as root; `make bench` installs what it needs and runs it)
 """
 
@@ -173,14 +177,32 @@ def start_postfix_proxy(workdir: Path) -> Target:
                   close=close)
 
 
-def start_portcullis(workdir: Path, idle: int) -> Target:
-    """`portcullis serve` relaying to its own smtp-sink; NotRunnable if it cannot serve."""
+def start_portcullis(workdir: Path, idle: int, baseline: str = "") -> Target:
+    """`portcullis serve` relaying to its own smtp-sink; NotRunnable if it cannot serve.
+
+    With `baseline` (a git revision), the gate's code is that revision's, from a
+    worktree, so that a change is measured against its parent in the same run.
+    """
     executable = shutil.which("portcullis", path=f"{REPO}/.venv/bin:{os.environ['PATH']}")
     if executable is None:
         raise NotRunnable("no `portcullis` command (run scripts/install-deps test)")
-    sink = SmtpSink(workdir, "portcullis")
+    tag = f"portcullis-{baseline}" if baseline else "portcullis"
+    environment = dict(os.environ)
+    command = [executable]
+    if baseline:
+        source = workdir / tag
+        checkout = subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach",
+                                   str(source), baseline], check=False, capture_output=True,
+                                  text=True)
+        if checkout.returncode != 0:
+            raise NotRunnable(f"cannot check out {baseline}: {checkout.stderr.strip()}")
+        atexit.register(subprocess.run, ["git", "-C", str(REPO), "worktree", "remove",
+                                         "--force", str(source)], capture_output=True)
+        environment["PYTHONPATH"] = str(source / "appliance")
+        command = [sys.executable, "-m", "portcullis.cli"]
+    sink = SmtpSink(workdir, tag)
     port = free_port(HOST)
-    recipients = workdir / "recipients"
+    recipients = workdir / f"{tag}-recipients"
     recipients.write_text("".join(f"{user}@{DOMAIN}\n" for user in USERS))
     caps = max(20_000, 2 * idle)  # one generator address: per-IP caps out of the way
     config = {
@@ -190,7 +212,7 @@ def start_portcullis(workdir: Path, idle: int) -> Target:
         "recipients": {"source": "static", "file": str(recipients)},
         "backend": {"servers": [f"{HOST}:{sink.port}"]},
         "allowlist": [],
-        "state_dir": str(workdir / "portcullis-state"),
+        "state_dir": str(workdir / f"{tag}-state"),
         "tls": {"enabled": False},
         "reputation": {"store": "memory"},
         "limits": {
@@ -202,13 +224,13 @@ def start_portcullis(workdir: Path, idle: int) -> Target:
             "connection_burst_per_ip": 1_000_000,
         },
     }
-    (workdir / "portcullis-state").mkdir(exist_ok=True)
-    config_file = workdir / "portcullis.yaml"
+    (workdir / f"{tag}-state").mkdir(exist_ok=True)
+    config_file = workdir / f"{tag}.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    log_file = workdir / "portcullis.log"
+    log_file = workdir / f"{tag}.log"
     with open(log_file, "wb") as log:
-        process = subprocess.Popen([executable, "serve", "-c", str(config_file)],
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([*command, "serve", "-c", str(config_file)],
+                                   stdout=log, stderr=subprocess.STDOUT, env=environment)
 
     def close() -> None:
         errors = Counter(line.split(": ", 2)[-1][:100] for line in
@@ -239,7 +261,8 @@ def start_portcullis(workdir: Path, idle: int) -> Target:
         wait_until(lambda: sink.messages() >= 1, 10, "the probe message at the sink")
     except (OSError, smtplib.SMTPException, TimeoutError) as problem:
         raise failed(f"a probe message did not get through: {problem!r}") from None
-    return Target("Portcullis", port, process.pid, sink, close=close)
+    name = f"Portcullis @{baseline}" if baseline else "Portcullis"
+    return Target(name, port, process.pid, sink, close=close)
 
 
 # --- throughput ------------------------------------------------------------------------
@@ -472,6 +495,11 @@ def print_report(results: dict[str, dict[int, list[Run]]], idle: dict[str, IdleR
     if ours and peer:
         ratios = [f"{a / b:.2f}" if a and b else "n/a" for a, b in zip(ours, peer, strict=True)]
         print(f"{'ratio Portcullis/Postfix':26} {ratios[0]:>20} {ratios[1]:>20}")
+    before = next((rates for name, rates in medians.items() if name.startswith("Portcullis @")),
+                  None)
+    if ours and before:
+        ratios = [f"{a / b:.2f}" if a and b else "n/a" for a, b in zip(ours, before, strict=True)]
+        print(f"{'ratio Portcullis/baseline':26} {ratios[0]:>20} {ratios[1]:>20}")
     print("(PSS: peak during a run, lowest over rounds; ! = a run failed, see above)")
     if idle:
         print("\n=== idle connections (silent clients from "
@@ -496,6 +524,8 @@ def main() -> int:
                         help="also run the idle test against the Postfix peer")
     parser.add_argument("--targets", default="sink,postfix,portcullis",
                         help="comma-separated subset of sink,postfix,portcullis")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure Portcullis as of this git revision")
     parser.add_argument("--quick", action="store_true",
                         help="short run: 1 round of 1000 messages, 200 warm-up, 1000 idle")
     args = parser.parse_args()
@@ -528,13 +558,18 @@ def main() -> int:
                         args.idle_peer),
             "portcullis": ("Portcullis", lambda: start_portcullis(workdir, args.idle), True),
         }
-        unknown = set(args.targets.split(",")) - set(starters)
+        keys = args.targets.split(",")
+        if args.baseline:
+            starters["baseline"] = (f"Portcullis @{args.baseline}", lambda: start_portcullis(
+                workdir, args.idle, args.baseline), False)
+            keys.append("baseline")
+        unknown = set(keys) - set(starters)
         if unknown:
             sys.exit(f"bench: unknown target(s) {', '.join(unknown)}; known: "
                      f"{', '.join(starters)}")
         running: list[tuple[Target, bool]] = []
         try:
-            for key in args.targets.split(","):
+            for key in keys:
                 name, start, idle_test = starters[key]
                 try:
                     target = start()

@@ -74,6 +74,20 @@ def test_a_transient_sender_refusal_stays_transient_for_every_recipient(gate, ba
     assert all(400 <= code < 500 for code in codes), codes
 
 
+def next_session_is_in_step_on_a_new_connection(gate, backend) -> None:
+    """The next message's replies are its own, and it does not reuse the old connection."""
+    time.sleep(0.2)  # the previous session's end reaches the gate's pool
+    connections_before = backend.connections
+    with client(gate) as session:
+        session.mail("s@outside.test")
+        # carol passes the gate's list, but the backend refuses her: her answer is 550
+        assert session.rcpt("carol@example.test")[0] == 550
+        assert session.rcpt("bob@example.test")[0] == 250
+        assert send_data(session) == 250
+    assert backend.connections == connections_before + 1, "the failed connection was reused"
+    assert [d.recipients for d in backend.deliveries] == [["bob@example.test"]]
+
+
 @pytest.mark.parametrize("fault", [Fault.lines(100), Fault.overlong(), Fault.malformed(),
                                    Fault.late(5)], ids=["100 lines", "overlong", "malformed",
                                                         "timeout"])
@@ -83,16 +97,7 @@ def test_a_connection_that_failed_rset_is_never_reused(gate, backend, fault):
         assert session.rcpt("alice@example.test")[0] == 250
         backend.plan("rset", fault)
         session.rset()
-    time.sleep(0.2)
-    connections_before = backend.connections
-    with client(gate) as session:
-        session.mail("s@outside.test")
-        # carol passes the gate's list, but the backend refuses her: her answer is 550
-        assert session.rcpt("carol@example.test")[0] == 550
-        assert session.rcpt("alice@example.test")[0] == 250
-        assert send_data(session) == 250
-    assert backend.connections == connections_before + 1, "the failed connection was reused"
-    assert [d.recipients for d in backend.deliveries] == [["alice@example.test"]]
+    next_session_is_in_step_on_a_new_connection(gate, backend)
 
 
 def test_a_malformed_reply_in_a_transaction_closes_the_connection(gate, backend):
@@ -101,14 +106,21 @@ def test_a_malformed_reply_in_a_transaction_closes_the_connection(gate, backend)
         session.mail("s@outside.test")
         assert session.rcpt("alice@example.test")[0] == 250
         assert 400 <= session.rcpt("bob@example.test")[0] < 500
-    connections_before = backend.connections
+    next_session_is_in_step_on_a_new_connection(gate, backend)
+
+
+def test_a_reply_out_of_turn_during_data_fails_the_message(gate, backend):
+    backend.plan("chunk", Fault.reply("250 2.0.0 not an answer to anything"))
     with client(gate) as session:
         session.mail("s@outside.test")
-        assert session.rcpt("carol@example.test")[0] == 550
-        assert session.rcpt("bob@example.test")[0] == 250
-        assert send_data(session) == 250
-    assert backend.connections == connections_before + 1
-    assert [d.recipients for d in backend.deliveries] == [["bob@example.test"]]
+        assert session.rcpt("alice@example.test")[0] == 250
+        assert session.docmd("DATA")[0] == 354
+        session.send(BODY)
+        time.sleep(0.3)  # the backend's word out of turn arrives before the final dot
+        session.send(b".\r\n")
+        assert 400 <= session.getreply()[0] < 500
+    assert backend.deliveries == []
+    next_session_is_in_step_on_a_new_connection(gate, backend)
 
 
 def _read_replies(sock: socket.socket | ssl.SSLSocket, count: int, timeout: float = 10) -> list[bytes]:

@@ -119,6 +119,18 @@ def test_data_line_of_exactly_1000_octets_is_fine():
     assert d.codes(out)[-1] == 250
 
 
+def test_the_dot_doubled_for_transparency_does_not_count_toward_the_line_limit():
+    # RFC 5321 4.5.3.1.6: 1000 octets with CRLF, "not counting the leading dot
+    # duplicated for transparency". Found by the relay model test.
+    d = Driver()
+    out = d.feed(TRANSACTION + b".." + b"x" * 997 + b"\r\n.\r\n")
+    assert d.codes(out)[-1] == 250
+    assert not d.of(smtp.MessageRefused)
+    d = Driver()
+    out = d.feed(TRANSACTION + b".." + b"x" * 998 + b"\r\n.\r\n")
+    assert d.codes(out)[-1] == 550
+
+
 def test_unterminated_giant_data_line_is_dropped_not_buffered():
     d = Driver()
     d.feed(TRANSACTION)
