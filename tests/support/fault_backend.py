@@ -98,7 +98,6 @@ class FaultBackend:
         self.host, self.port = host, free_port(host)
         self.users = users  # accepted recipients; None accepts all
         self.deliveries: list[Delivery] = []
-        self.commands: list[tuple[int, str]] = []  # (connection number, command line)
         self.connections = 0
         self.fired: list[tuple[str, str, Fault]] = []  # (sender, step, fault) as used
         self._faults: dict[tuple[str | None, str], Fault] = {}
@@ -140,9 +139,11 @@ class FaultBackend:
             for key in [key for key in self._faults if key[0] == sender]:
                 del self._faults[key]
 
-    def delivered_to(self, recipient: str) -> list[Delivery]:
+    def take_deliveries(self) -> list[Delivery]:
+        """The messages recorded so far, forgotten here."""
         with self._lock:
-            return [d for d in self.deliveries if recipient in d.recipients]
+            taken, self.deliveries = self.deliveries, []
+        return taken
 
     def __enter__(self) -> Self:
         return self.start()
@@ -183,8 +184,6 @@ class FaultBackend:
             if not line:
                 return
             command = line.decode("utf-8", "replace").rstrip("\r\n")
-            with self._lock:
-                self.commands.append((number, command))
             verb = command[:4].upper()
             if verb == "EHLO":
                 await self._answer(writer, self._take(None, "ehlo"), "250-" + "\r\n250-".join(
@@ -194,7 +193,7 @@ class FaultBackend:
             elif verb == "MAIL":
                 attempt = _Transaction(_path(command))
                 fault = self._take(attempt, "mail")
-                if _accepts(fault):
+                if _accepts(fault, "250"):
                     transaction = attempt
                 await self._answer(writer, fault, "250 2.1.0 Ok")
             elif verb == "RCPT":
@@ -206,7 +205,7 @@ class FaultBackend:
                 fault = self._take(transaction, f"rcpt:{transaction.rcpt_count}", "rcpt")
                 known = self.users is None or recipient in self.users
                 normal = "250 2.1.5 Ok" if known else "550 5.1.1 User unknown"
-                if _accepts(fault) if fault else known:
+                if _accepts(fault, normal):
                     transaction.recipients.append(recipient)
                 await self._answer(writer, fault, normal)
             elif verb == "DATA":
@@ -215,11 +214,11 @@ class FaultBackend:
                     continue
                 fault = self._take(transaction, "data")
                 await self._answer(writer, fault, "354 End data with <CR><LF>.<CR><LF>")
-                if not _accepts(fault):
+                if not _accepts(fault, "354"):
                     continue
                 data = await self._message(reader, writer, transaction)
                 fault = self._take(transaction, "end")
-                if _accepts(fault):
+                if _accepts(fault, "250"):
                     with self._lock:
                         self.deliveries.append(Delivery(
                             transaction.sender, transaction.recipients, data, number))
@@ -281,13 +280,15 @@ class FaultBackend:
             await writer.drain()
 
 
-def _accepts(fault: Fault | None) -> bool:
+def _accepts(fault: Fault | None, normal: str) -> bool:
     """Whether the backend takes the step as done, whatever the gate makes of its answer."""
-    if fault is None or fault.kind in ("overlong", "lines"):  # both say 250
+    if fault is None:
+        return normal.startswith(("2", "3"))
+    if fault.kind in ("overlong", "lines"):  # both say 250
         return True
-    if fault.kind == "late":
-        return not fault.text or fault.text.startswith(("2", "3"))
-    return fault.kind == "reply" and fault.text.startswith(("2", "3"))
+    if fault.kind in ("reply", "late"):
+        return (fault.text or normal).startswith(("2", "3"))
+    return False
 
 
 def _path(command: str) -> str:
