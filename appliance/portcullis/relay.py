@@ -42,7 +42,6 @@ class RelayTransaction:
         self.pool = pool
         self.sender = sender
         self.tally = tally
-        self.accepted: list[str] = []  # recipients the backend answered 250
         self.size = 0  # octets of message content passed on
         self._connection: BackendConnection | None = None
         self._refusal: tuple[Reply, str] | None = None  # for every later RCPT and DATA
@@ -68,10 +67,7 @@ class RelayTransaction:
             return self._lose(str(e))
         if reply.code == 421 or (reply.is_positive and reply.code not in (250, 251)):
             return self._lose(f"RCPT answered {reply}")
-        if reply.is_positive:
-            self.accepted.append(address)
-            return reply, ""
-        return reply, "BACKEND_REFUSED"
+        return reply, "" if reply.is_positive else "BACKEND_REFUSED"
 
     async def start_data(self) -> tuple[Reply, str]:
         if self._refusal is not None:

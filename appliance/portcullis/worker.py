@@ -83,10 +83,8 @@ class WorkerProcess:
         if self.sessions:
             await asyncio.wait(self.sessions, timeout=SHUTDOWN_GRACE)
         reporter.cancel()
+        self.control.settimeout(1.0)  # the last reports wait for room, within reason
         self._report()
-        self.control.setblocking(True)  # the last reports must reach the gate
-        self.control.settimeout(1.0)
-        self._send_reports()
         if self.bans:
             await self.bans.close()
         self.store.close()
