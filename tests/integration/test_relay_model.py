@@ -45,8 +45,8 @@ GATE_VALID = ["alice@example.test", "bob@example.test", "carol@example.test"]  #
 LOCAL_REFUSALS = {"nobody@example.test": 550, "x@elsewhere.test": 554}
 RECIPIENTS = GATE_VALID + list(LOCAL_REFUSALS)
 
-TRANSACTION_STEPS = ["mail", "rcpt:1", "rcpt:2", "rcpt:3", "rcpt:4", "data", "chunk", "end",
-                     "rset"]
+TRANSACTION_STEPS = ["mail", "rcpt:1", "rcpt:2", "rcpt:3", "rcpt:4", "data", "chunk:1",
+                     "chunk:40", "chunk:2000", "end", "rset"]  # chunk:N: the N-th message line
 FAULTS = [
     Fault.reply("421 4.3.2 Service shutting down"),
     Fault.reply("450 4.2.0 Mailbox busy"),
@@ -124,8 +124,8 @@ def message_plans(draw) -> MessagePlan:
         pipelined=draw(st.booleans()),
         starttls=draw(st.integers(0, 9)) == 9,
         abandon=draw(st.integers(0, 9)) == 9,
-        faults={step: draw(st.sampled_from(FAULTS_MID_DATA if step == "chunk" else FAULTS))
-                for step in steps},
+        faults={step: draw(st.sampled_from(FAULTS_MID_DATA if step.startswith("chunk")
+                                           else FAULTS)) for step in steps},
         connection_fault=(draw(st.sampled_from(["banner", "ehlo"])), draw(st.sampled_from(FAULTS)))
         if draw(st.integers(0, 49)) == 49 else None,
     )
@@ -251,9 +251,11 @@ def check(outcome: Outcome, plan: MessagePlan, deliveries, tally: Tally) -> None
             tally.transient_to_permanent.append(f"{outcome.sender} RCPT {recipient}: {code} "
                                                 f"with faults {plan.faults}")
     # A last word mid-DATA can cross the final dot and be read as the answer to it.
-    for steps, code in ((("data",), outcome.data_code), (("chunk", "end"), outcome.final)):
-        if code is not None and code >= 500 and not permanent.intersection(steps):
-            tally.transient_to_permanent.append(f"{outcome.sender} {steps[-1]}: {code} "
+    end_explained = any(step == "end" or step.startswith("chunk") for step in permanent)
+    for step, code, explained in (("DATA", outcome.data_code, "data" in permanent),
+                                  ("end-of-data", outcome.final, end_explained)):
+        if code is not None and code >= 500 and not explained:
+            tally.transient_to_permanent.append(f"{outcome.sender} {step}: {code} "
                                                 f"with faults {plan.faults}")
 
 

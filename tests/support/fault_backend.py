@@ -11,7 +11,8 @@ A fault is planned for one step of the protocol and used once:
     backend.plan("end", Fault.late(5))             # answer the final dot after 5 s
 
 Steps: banner, ehlo, mail, rcpt (any), rcpt:N (the N-th in a transaction), data,
-chunk (the first message bytes after 354: the fault's reply, then a hang-up), end (the final dot), rset, quit. A fault
+chunk:N (the N-th line of the message: the fault's reply, then a hang-up; "chunk" is
+the first), end (the final dot), rset, quit. A fault
 planned with `sender=` applies only to that sender's transaction, so that clients
 running side by side each meet their own faults.
 Fault kinds: reply (any code), hangup, stall (never answer), late (answer after a
@@ -21,6 +22,7 @@ delay), malformed, overlong (a 2,000-octet line), lines (an N-line reply).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from dataclasses import dataclass, field
 from typing import Self
@@ -238,20 +240,19 @@ class FaultBackend:
 
     async def _message(self, reader, writer, transaction: _Transaction) -> bytes:
         chunks = []
-        first = True
-        while True:
+        for number in itertools.count(1):
             line = await reader.readline()
             if not line:
                 raise _Hangup
-            if first:
-                first = False
-                fault = self._take(transaction, "chunk")
-                if fault is not None:  # as Postfix does mid-DATA: a last word, then close
-                    await self._answer(writer, fault, "")
-                    raise _Hangup
+            steps = (f"chunk:{number}", "chunk") if number == 1 else (f"chunk:{number}",)
+            fault = self._take(transaction, *steps)
+            if fault is not None:  # as Postfix does mid-DATA: a last word, then close
+                await self._answer(writer, fault, "")
+                raise _Hangup
             if line == b".\r\n":
                 return b"".join(chunks)
             chunks.append(line)
+        raise AssertionError("unreachable")
 
     async def _answer(self, writer: asyncio.StreamWriter, fault: Fault | None, normal: str) -> None:
         """Write the normal reply, or what the fault says instead."""

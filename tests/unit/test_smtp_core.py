@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from portcullis import smtp
-from portcullis.smtp import ProtocolLimits, SmtpServer, State, replies
+from portcullis.smtp import ProtocolLimits, SmtpServer, State, commands, replies
 from portcullis.smtp.replies import Reply
 
 
@@ -324,3 +324,24 @@ def test_any_clean_body_round_trips_in_any_split(lines, step):
         d.feed(wire[i:i + step])
     assert len(d.of(smtp.DataEnd)) == 1
     assert bytes(d.content) == body
+
+
+@pytest.mark.parametrize("path, normal", [
+    ("alice@Example.TEST.", "alice@example.test"),
+    ('"alice"@example.test', "alice@example.test"),
+    ('"al\\ice"@example.test', "alice@example.test"),
+    ("Alice@example.test", "Alice@example.test"),  # local parts keep their case
+    ('"a b"@example.test', '"a b"@example.test'),
+])
+def test_recipients_take_one_normal_form(path, normal):
+    assert commands.parse_rcpt(f"TO:<{path}>", "example.test").address == normal
+
+
+@pytest.mark.parametrize("path", ["u%evil.example@example.test", '"u@evil.example"@example.test',
+                                  "evil.example!u@example.test", "@relay.example:u@example.test"])
+def test_routing_in_a_recipient_is_a_550_strike(path):
+    d = Driver()
+    out = d.feed(f"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<{path}>\r\n".encode())
+    assert d.codes(out)[-1] == 550 and b"5.1.3" in out
+    assert [v.label for v in d.of(smtp.Violation)] == ["ADDRESS_ROUTING"]
+    assert not d.of(smtp.Rcpt)

@@ -36,7 +36,8 @@ UNKNOWN_RECIPIENT = Reply(550, "5.1.1", "Recipient address rejected: user unknow
 DIRECTORY_TEMPFAIL = Reply(451, "4.4.3", "Recipient directory temporarily unavailable, try later")
 
 # Violations that count as strikes against the connection's score.
-STRIKES = frozenset({"LINE_TOO_LONG", "BAD_BYTES", "UNKNOWN_COMMAND", "BAD_SEQUENCE", "SYNTAX"})
+STRIKES = frozenset({"LINE_TOO_LONG", "BAD_BYTES", "UNKNOWN_COMMAND", "BAD_SEQUENCE", "SYNTAX",
+                     "ADDRESS_ROUTING"})
 
 
 @dataclass(slots=True)

@@ -17,9 +17,10 @@ MAX_PATH = 256
 
 
 class SyntaxProblem(Exception):
-    def __init__(self, reply: Reply):
+    def __init__(self, reply: Reply, label: str = "SYNTAX"):
         super().__init__(str(reply))
         self.reply = reply
+        self.label = label  # for the log and the metrics
 
 
 @dataclass(slots=True)
@@ -42,6 +43,7 @@ _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 _DOMAIN = rf"{_LABEL}(?:\.{_LABEL})*\.?"
 _LITERAL = r"\[[\x21-\x5a\x5e-\x7e]+\]"
 _MAILBOX = re.compile(rf"(?P<local>{_DOT_STRING}|{_QUOTED})@(?P<domain>{_DOMAIN}|{_LITERAL})")
+_QUOTED_PAIR = re.compile(r"\\(.)")
 _SOURCE_ROUTE = re.compile(rf"@{_DOMAIN}(?:,@{_DOMAIN})*:")
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 _ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
@@ -52,6 +54,7 @@ BAD_SENDER = Reply(501, "5.1.7", "Bad sender address syntax")
 BAD_HELO = Reply(501, "5.5.4", "Syntax: EHLO hostname")
 BAD_SIZE = Reply(501, "5.5.4", "Bad SIZE parameter")
 BAD_BODY = Reply(501, "5.5.4", "BODY must be 7BIT or 8BITMIME")
+ROUTED_ADDRESS = Reply(550, "5.1.3", "Routing in the recipient address is not accepted")
 
 
 def split_command(line: str) -> tuple[str, str]:
@@ -86,16 +89,30 @@ def _split_path(argument: str, keyword: str, bad: Reply) -> tuple[str, list[str]
     return rest[1:end], rest[end + 1 :].split()
 
 
-def _mailbox(path: str, bad: Reply) -> str:
+def _mailbox(path: str, bad: Reply) -> tuple[str, bool]:
+    """The mailbox in its one normal form, and whether the path carried routing.
+
+    Normal form: the domain lower-cased and without a trailing dot; the local part as
+    sent (RFC 5321 lets it be case-sensitive; directories compare it without case).
+    Routing is a source route (@relay:user@domain), or a local part that a backend
+    may route onward: the percent hack (user%elsewhere), a bang path (elsewhere!user)
+    or a quoted "@".
+    """
     if len(path) > MAX_PATH:
         raise SyntaxProblem(bad)
     route = _SOURCE_ROUTE.match(path)
-    if route:  # RFC 5321 4.1.1.3: accept and ignore a source route
+    if route:
         path = path[route.end():]
     match = _MAILBOX.fullmatch(path)
     if not match or len(match["local"]) > MAX_LOCAL_PART or len(match["domain"]) > MAX_DOMAIN:
         raise SyntaxProblem(bad)
-    return path
+    local = match["local"]
+    routed = route is not None or any(c in local for c in "%!@")
+    if local.startswith('"'):  # "user" is user: unquote what needs no quotes
+        unquoted = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+        if re.fullmatch(_DOT_STRING, unquoted):
+            local = unquoted
+    return f"{local}@{match['domain'].lower().rstrip('.')}", routed
 
 
 def _params(words: list[str]) -> dict[str, str]:
@@ -110,7 +127,7 @@ def _params(words: list[str]) -> dict[str, str]:
 
 def parse_mail(argument: str) -> MailFrom:
     path, words = _split_path(argument, "FROM", BAD_SENDER)
-    address = "" if path == "" else _mailbox(path, BAD_SENDER)
+    address = "" if path == "" else _mailbox(path, BAD_SENDER)[0]
     mail = MailFrom(address)
     for key, value in _params(words).items():
         if key == "SIZE":
@@ -131,7 +148,9 @@ def parse_rcpt(argument: str, postmaster_domain: str) -> RcptTo:
     if path.lower() == "postmaster":  # RFC 5321 4.5.1: must be accepted without a domain
         address = f"postmaster@{postmaster_domain}"
     else:
-        address = _mailbox(path, BAD_ADDRESS)
+        address, routed = _mailbox(path, BAD_ADDRESS)
+        if routed:  # never forwarded: a backend could relay it onward (open relay)
+            raise SyntaxProblem(ROUTED_ADDRESS, "ADDRESS_ROUTING")
     params = _params(words)
     if params:  # we advertise no RCPT parameters (no DSN)
         raise SyntaxProblem(replies.UNKNOWN_PARAMETER)
@@ -139,4 +158,5 @@ def parse_rcpt(argument: str, postmaster_domain: str) -> RcptTo:
 
 
 def domain_of(address: str) -> str:
-    return address.rpartition("@")[2].lower().rstrip(".")
+    """The domain of a normalised address (see _mailbox)."""
+    return address.rpartition("@")[2]

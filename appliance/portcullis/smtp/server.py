@@ -215,7 +215,7 @@ class SmtpServer:
         try:
             return getattr(self, "_cmd_" + verb.lower())(argument)
         except SyntaxProblem as problem:
-            return self._strike("SYNTAX", problem.reply)
+            return self._strike(problem.label, problem.reply)
 
     def _cmd_helo(self, argument: str, extended: bool = False):
         return Hello(commands.parse_helo(argument), extended)
