@@ -12,8 +12,10 @@ and answers each with one status line:
                                rate-limited, nft, busy
 
 A request is refused unless ADDRESS is a plain IPv4 or IPv6 address that is not
-loopback, unspecified or multicast and not in `allowlist` or `ban_helper.never_ban`,
-and SECONDS is an integer within ban_helper.min_seconds..max_seconds. Accepted
+loopback, unspecified or multicast, not in `allowlist` or `ban_helper.never_ban`, and
+not part of the appliance's own infrastructure, which is derived rather than
+configured: the backend servers, the LDAP and DNS servers, and every address of this
+host (a ban there would cut off the backend's replies or the admin's SSH). SECONDS is an integer within ban_helper.min_seconds..max_seconds. Accepted
 requests pass a token bucket (ban_helper.rate per second, burst ban_helper.burst).
 The address goes into the set `ban_helper.set_ipv4` or `set_ipv6` of table
 `inet ban_helper.table` through `nft -f -`, as a statement built from the parsed
@@ -29,15 +31,18 @@ import asyncio
 import contextlib
 import grp
 import ipaddress
+import json
 import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 
 from . import config as config_module
@@ -65,12 +70,72 @@ class Refusal(Exception):
         super().__init__(f"ERR {reason}: {detail}")
 
 
+def infrastructure(config: config_module.Config) -> dict[IPAddress, str]:
+    """The servers the appliance depends on, by address, each with what it is."""
+    servers: list[tuple[str, str]] = [(s.host, "a backend server") for s in config.backend.servers]
+    if config.recipients.source == "ldap":
+        host = urllib.parse.urlsplit(config.recipients.ldap.url).hostname
+        if host:
+            servers.append((host, "an LDAP server"))
+    resolvers = [s.host for s in config.dns.nameservers] or _system_resolvers()
+    servers += [(host, "a DNS server") for host in resolvers]
+    found: dict[IPAddress, str] = {}
+    for host, what in servers:
+        for address in _addresses_of(host):
+            found.setdefault(address, what)
+    return found
+
+
+def _addresses_of(host: str) -> list[IPAddress]:
+    try:
+        return [ipaddress.ip_address(host)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError as e:
+        log.warning("cannot resolve %s to protect it from bans: %s", host, e)
+        return []
+    return [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+
+
+def _system_resolvers(path: str = "/etc/resolv.conf") -> list[str]:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            return [words[1] for words in map(str.split, f)
+                    if len(words) >= 2 and words[0] == "nameserver"]
+    except OSError:
+        return []
+
+
+def own_addresses() -> list[IPAddress]:
+    """Every address configured on this host's interfaces (iproute2's `ip -j address`)."""
+    ip = shutil.which("ip", path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    if ip is None:
+        log.warning("no 'ip' command (Debian package iproute2): this host's own addresses "
+                    "are not protected from bans")
+        return []
+    listing = subprocess.run([ip, "-j", "address", "show"], capture_output=True, text=True,
+                             timeout=NFT_TIMEOUT, check=False)
+    try:
+        interfaces = json.loads(listing.stdout or "[]")
+    except ValueError:
+        return []
+    return [ipaddress.ip_address(info["local"].split("%")[0])
+            for interface in interfaces for info in interface.get("addr_info", ())
+            if "local" in info]
+
+
 class RequestPolicy:
     """Parses and validates one request line against the configuration."""
 
-    def __init__(self, config: config_module.Config):
+    def __init__(self, config: config_module.Config,
+                 own: list[IPAddress] | None = None):
         settings = config.ban_helper
         self.never_ban = tuple(config.allowlist) + tuple(settings.never_ban)
+        self.protected = infrastructure(config)
+        for address in own_addresses() if own is None else own:
+            self.protected.setdefault(address, "an address of this appliance")
         self.min_seconds = settings.min_seconds
         self.max_seconds = settings.max_seconds
 
@@ -100,6 +165,8 @@ class RequestPolicy:
         for network in self.never_ban:
             if address in network:
                 raise Refusal("never-ban", f"{address} is in the never-ban network {network}")
+        if address in self.protected:
+            raise Refusal("never-ban", f"{address} is {self.protected[address]}, never banned")
         return address
 
     def _seconds(self, text: str) -> int:

@@ -66,14 +66,17 @@ class RunningHelper:
 def start_helper(tmp_path):
     """Start a helper with extra YAML for its config; stopped with its namespace."""
     with contextlib.ExitStack() as stack:
-        def start(extra: str = "") -> RunningHelper:
+        def start(extra: str = "", own_address: str = "",
+                  backend: str = "127.0.0.1:2525") -> RunningHelper:
             namespace = stack.enter_context(netns.namespace("ban"))
             namespace.run(["nft", "-f", "-"], input=RULESET)
+            if own_address:
+                namespace.run(["ip", "address", "add", own_address, "dev", "lo"])
             socket_path = str(tmp_path / f"{namespace.name}.sock")
             config_path = tmp_path / f"{namespace.name}.yaml"
             config_path.write_text(
                 "relay_domains: [example.test]\n"
-                "backend: {servers: ['127.0.0.1:2525']}\n"
+                f"backend: {{servers: ['{backend}']}}\n"
                 f"ban_socket: {socket_path}\n"
                 "allowlist: [198.51.100.0/24]\n"
                 "ban_helper:\n"
@@ -149,6 +152,22 @@ def test_invalid_requests_are_refused_with_a_clear_status(start_helper, request_
         status, "OK banned 192.0.2.3 for 60s"]
     assert helper.elements("portcullis_ban4") == {"192.0.2.3": 60}
     assert helper.elements("portcullis_ban6") == {}
+
+
+@in_namespace
+def test_the_appliances_own_infrastructure_is_never_banned(start_helper):
+    helper = start_helper(
+        "dns: {nameservers: ['10.0.0.53:53']}\n"
+        "recipients: {source: ldap, ldap: {url: 'ldap://10.0.0.30:389', base: 'dc=example'}}\n",
+        own_address="192.0.2.77/32", backend="10.0.0.25:25")
+    assert helper.ask(b"ban 10.0.0.25 60", b"ban 10.0.0.30 60", b"ban 10.0.0.53 60",
+                      b"ban 192.0.2.77 60", b"ban 192.0.2.78 60") == [
+        "ERR never-ban: 10.0.0.25 is a backend server, never banned",
+        "ERR never-ban: 10.0.0.30 is an LDAP server, never banned",
+        "ERR never-ban: 10.0.0.53 is a DNS server, never banned",
+        "ERR never-ban: 192.0.2.77 is an address of this appliance, never banned",
+        "OK banned 192.0.2.78 for 60s"]
+    assert helper.elements("portcullis_ban4") == {"192.0.2.78": 60}
 
 
 @in_namespace
