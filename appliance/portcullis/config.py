@@ -402,6 +402,8 @@ def _build(cls: type, node: yaml.Node, path: str, prefix: str):
     known = {f.name: f for f in fields(cls)}
     values: dict[str, Any] = {}
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise _error(path, key_node, prefix or "(top level)", "keys must be plain names")
         key = key_node.value
         dotted = f"{prefix}{key}"
         if key not in known:

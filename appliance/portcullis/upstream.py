@@ -41,6 +41,49 @@ def parse_reply(lines: list[bytes]) -> Reply:
     return Reply(code, enhanced, "\n".join(texts))
 
 
+class MalformedReply(Exception):
+    """The backend's bytes are not an SMTP reply within the limits."""
+
+
+class ReplyReader:
+    """Bytes from the backend in, whole replies out (sans-IO), with hard limits:
+    lines of at most MAX_REPLY_LINE octets, at most MAX_REPLY_LINES lines, one code."""
+
+    def __init__(self) -> None:
+        self.unread = bytearray()
+        self._lines: list[bytes] = []  # of the reply being read
+
+    def feed(self, data: bytes) -> None:
+        self.unread += data
+
+    @property
+    def pending(self) -> bool:
+        """Bytes received that no reply has taken yet."""
+        return bool(self.unread or self._lines)
+
+    def next_reply(self) -> Reply | None:
+        """The next complete reply, or None until more bytes come; MalformedReply."""
+        unread, lines = self.unread, self._lines
+        while True:
+            end = unread.find(b"\n", 0, MAX_REPLY_LINE)
+            if end < 0:
+                if len(unread) >= MAX_REPLY_LINE:
+                    raise MalformedReply("reply line too long")
+                return None
+            line = bytes(unread[: end + 1])
+            del unread[: end + 1]
+            if (len(line) < 4 or line[:1] not in b"2345" or not line[:3].isdigit()
+                    or line[3:4] not in b" -\r\n"
+                    or (lines and line[:3] != lines[0][:3])):
+                raise MalformedReply(f"malformed reply {line[:40]!r}")
+            lines.append(line)
+            if line[3:4] != b"-":
+                self._lines = []
+                return parse_reply(lines)
+            if len(lines) >= MAX_REPLY_LINES:
+                raise MalformedReply(f"reply of more than {MAX_REPLY_LINES} lines")
+
+
 class BackendConnection:
     """One SMTP connection to the backend. Any fault (timeout, hang-up, a malformed,
     over-long or over-many-line reply, a 421, a reply out of turn) closes it at once,
@@ -53,54 +96,37 @@ class BackendConnection:
         self.pipelining = False
         self.idle_since = 0.0
         self.broken = False
-        self._unread = bytearray()  # received, not yet taken as reply lines
+        self._replies = ReplyReader()
 
     @property
     def usable(self) -> bool:
         """Fit to carry a new transaction: open, and with nothing said out of turn."""
         return not (self.broken or self.stream.is_closing or self.stream.at_eof
-                    or self._unread or self.stream.buffered)
+                    or self._said_out_of_turn)
+
+    @property
+    def _said_out_of_turn(self) -> bool:
+        return self._replies.pending or self.stream.buffered > 0
 
     async def read_reply(self, timeout: float) -> Reply:
         try:
             async with asyncio.timeout(timeout):
-                lines = await self._reply_lines()
+                reply = self._replies.next_reply()
+                while reply is None:
+                    data = await self.stream.read()
+                    if not data:
+                        raise self._fail("connection closed")
+                    self._replies.feed(data)
+                    reply = self._replies.next_reply()
         except TimeoutError:
             raise self._fail(f"no reply within {timeout:g}s") from None
+        except MalformedReply as e:
+            raise self._fail(str(e)) from None
         except ConnectionError as e:
             raise self._fail(str(e) or type(e).__name__) from None
-        reply = parse_reply(lines)
         if reply.code == 421:
             self.abort()  # the server is closing the connection
         return reply
-
-    async def _reply_lines(self) -> list[bytes]:
-        lines: list[bytes] = []
-        while True:
-            line = await self._line()
-            if (len(line) < 4 or not line[:3].isdigit() or line[3:4] not in b" -\r\n"
-                    or (lines and line[:3] != lines[0][:3])):
-                raise self._fail(f"malformed reply {line[:40]!r}")
-            lines.append(line)
-            if line[3:4] != b"-":
-                return lines
-            if len(lines) >= MAX_REPLY_LINES:
-                raise self._fail(f"reply of more than {MAX_REPLY_LINES} lines")
-
-    async def _line(self) -> bytes:
-        unread = self._unread
-        while True:
-            end = unread.find(b"\n", 0, MAX_REPLY_LINE)
-            if end >= 0:
-                line = bytes(unread[: end + 1])
-                del unread[: end + 1]
-                return line
-            if len(unread) >= MAX_REPLY_LINE:
-                raise self._fail("reply line too long")
-            data = await self.stream.read()
-            if not data:
-                raise self._fail("connection closed")
-            unread += data
 
     def _fail(self, problem: str) -> BackendUnavailable:
         self.abort()
@@ -123,7 +149,7 @@ class BackendConnection:
     async def end_data(self) -> Reply:
         """Write the final dot; the backend's answer to the whole message. A reply that
         came before the dot answers something else, so it makes the message fail."""
-        if self._unread or self.stream.buffered:
+        if self._said_out_of_turn:
             raise self._fail("replied during DATA, before the final dot")
         self.stream.write(b".\r\n")
         return await self.read_reply(self.config.data_timeout)
