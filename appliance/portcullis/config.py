@@ -403,7 +403,8 @@ def _build(cls: type, node: yaml.Node, path: str, prefix: str):
     values: dict[str, Any] = {}
     for key_node, value_node in node.value:
         if not isinstance(key_node, yaml.ScalarNode):
-            raise _error(path, key_node, prefix or "(top level)", "keys must be plain names")
+            raise _error(path, key_node, prefix.rstrip(".") or "(top level)",
+                         "keys must be plain names")
         key = key_node.value
         dotted = f"{prefix}{key}"
         if key not in known:

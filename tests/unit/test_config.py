@@ -44,3 +44,8 @@ def test_errors_name_key_and_line(text, message):
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(str(tmp_path / "absent.yaml"))
+
+
+def test_a_key_that_is_not_a_name_is_an_error_with_its_line():  # found by fuzzing
+    with pytest.raises(ConfigError, match=r"x.yaml line 5: key 'limits': keys must be plain names"):
+        config.loads(MINIMAL + "limits:\n  [a, b]: 1\n", "x.yaml")
