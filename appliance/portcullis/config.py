@@ -434,10 +434,10 @@ def _convert(hint, meta, node: yaml.Node, path: str, dotted: str):
             return None
         hint = next(a for a in args if a is not type(None))
     if origin is dict:
-        return yaml.safe_load(yaml.serialize(node))
+        return _plain_value(node, path, dotted)
     if not isinstance(node, yaml.ScalarNode):
         raise _error(path, node, dotted, "must be a single value")
-    value = yaml.safe_load(yaml.serialize(node))
+    value = _plain_value(node, path, dotted)
     try:
         converted = _scalar(hint, value)
     except (ValueError, TypeError) as e:
@@ -449,6 +449,15 @@ def _convert(hint, meta, node: yaml.Node, path: str, dotted: str):
     if choices and converted not in choices:
         raise _error(path, node, dotted, f"must be one of {', '.join(choices)}, got '{converted}'")
     return converted
+
+
+def _plain_value(node: yaml.Node, path: str, dotted: str):
+    """The node as a plain Python value, as yaml.safe_load would make it."""
+    try:
+        return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    except yaml.YAMLError as e:
+        problem = getattr(e, "problem", None) or "not a plain YAML value"
+        raise _error(path, node, dotted, problem) from None
 
 
 def _scalar(hint, value):

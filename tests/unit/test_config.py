@@ -49,3 +49,8 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_a_key_that_is_not_a_name_is_an_error_with_its_line():  # found by fuzzing
     with pytest.raises(ConfigError, match=r"x.yaml line 5: key 'limits': keys must be plain names"):
         config.loads(MINIMAL + "limits:\n  [a, b]: 1\n", "x.yaml")
+
+
+def test_an_empty_value_is_an_error_with_its_line_not_a_traceback():  # found by fuzzing
+    with pytest.raises(ConfigError, match=r"x.yaml line 4: key 'hostname': must be a string"):
+        config.loads(MINIMAL + "hostname: # nothing\n", "x.yaml")
