@@ -15,11 +15,12 @@ A request is refused unless ADDRESS is a plain IPv4 or IPv6 address that is not
 loopback, unspecified or multicast, not in `allowlist` or `ban_helper.never_ban`, and
 not part of the appliance's own infrastructure, which is derived rather than
 configured: the backend servers, the LDAP and DNS servers, and every address of this
-host (a ban there would cut off the backend's replies or the admin's SSH). SECONDS is an integer within ban_helper.min_seconds..max_seconds. Accepted
-requests pass a token bucket (ban_helper.rate per second, burst ban_helper.burst).
-The address goes into the set `ban_helper.set_ipv4` or `set_ipv6` of table
-`inet ban_helper.table` through `nft -f -`, as a statement built from the parsed
-address and integer: no shell, no unvalidated text.
+host (a ban there would cut off the backend's replies or the admin's SSH); and SECONDS
+is an integer within ban_helper.min_seconds..max_seconds. Accepted requests pass a
+token bucket (ban_helper.rate per second, burst ban_helper.burst). The address goes
+into the set `ban_helper.set_ipv4` or `set_ipv6` of table `inet ban_helper.table`
+through `nft -f -`, as a statement built from the parsed address and integer: no
+shell, no unvalidated text.
 
 Run as `portcullis ban-helper [--config PATH]` or `python -m portcullis.banhelper`.
 """
@@ -54,7 +55,7 @@ log = logging.getLogger("portcullis.banhelper")
 MAX_LINE = 128  # bytes per request, newline included
 MAX_CLIENTS = 16  # connections served at once; more get "ERR busy"
 READ_TIMEOUT = 5.0  # seconds a connection may stay silent
-NFT_TIMEOUT = 10.0  # seconds one nft run may take
+NFT_TIMEOUT = 10.0  # seconds one nft (or ip) run may take
 SOCKET_MODE = 0o660
 NFT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f.:]{2,45}")

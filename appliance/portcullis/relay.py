@@ -35,6 +35,7 @@ log = logging.getLogger("portcullis.relay")
 
 BACKEND_DOWN = Reply(451, "4.4.1", "Mail server temporarily unavailable, try later")
 BACKEND_FAILED_DATA = Reply(451, "4.4.2", "Mail server connection failed, message not accepted, try later")
+_DATA_FAILED = BACKEND_FAILED_DATA, "BACKEND_DOWN"
 
 
 class RelayTransaction:
@@ -96,16 +97,14 @@ class RelayTransaction:
     async def finish(self) -> tuple[Reply, str]:
         """Write the final dot. The backend's answer is the client's, unless it is unsure."""
         if not self._in_data:
-            return BACKEND_FAILED_DATA, "BACKEND_DOWN"
+            return _DATA_FAILED
         self._in_data = False
         try:
             reply = await self._connection.end_data()
         except BackendUnavailable as e:
-            self._lose(str(e))
-            return BACKEND_FAILED_DATA, "BACKEND_DOWN"
+            return self._lose(str(e), answer=_DATA_FAILED)
         if reply.code == 421 or 300 <= reply.code < 400:
-            self._lose(f"end of DATA answered {reply}")
-            return BACKEND_FAILED_DATA, "BACKEND_DOWN"
+            return self._lose(f"end of DATA answered {reply}", answer=_DATA_FAILED)
         self._open = False
         if not reply.is_positive:
             return reply, "BACKEND_REFUSED"
@@ -131,8 +130,9 @@ class RelayTransaction:
                 return
         self.pool.give_back(connection)
 
-    def _lose(self, problem: str) -> tuple[Reply, str]:
-        """The backend transaction is gone: 451 for this step and every later one."""
+    def _lose(self, problem: str, answer: tuple[Reply, str] | None = None) -> tuple[Reply, str]:
+        """The backend transaction is gone: 451 for every later step, and `answer` (the
+        same 451 unless given) for this one."""
         log.warning("backend transaction lost: %s", problem)
         self.tally.add(metrics.BACKEND_ERRORS)
         if self._connection is not None:
@@ -140,4 +140,4 @@ class RelayTransaction:
             self._connection = None
         self._open = self._in_data = False
         self._refusal = BACKEND_DOWN, "BACKEND_DOWN"
-        return self._refusal
+        return answer or self._refusal

@@ -69,7 +69,6 @@ class SessionTimeout(Exception):
 class Transaction:
     """One MAIL transaction, for the log line, and its relay to the backend."""
 
-    sender: str
     relay: RelayTransaction
     recipients: list[dict] = field(default_factory=list)
     reply: str = ""
@@ -188,7 +187,7 @@ class Session:
             self.core.respond(refusal)
             return
         relay = RelayTransaction(self.services.backend, event.sender, self.services.tally)
-        self.transaction = Transaction(event.sender.address, relay)
+        self.transaction = Transaction(relay)
         self.core.respond(replies.SENDER_OK)
 
     async def _on_rcpt(self, event: smtp.Rcpt) -> None:
@@ -274,7 +273,7 @@ class Session:
         if transaction is None:
             return
         self.transactions.append({
-            "from": transaction.sender,
+            "from": transaction.relay.sender.address,
             "rcpts": transaction.recipients,
             "size": transaction.relay.size,
             "reply": transaction.reply,

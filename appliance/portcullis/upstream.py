@@ -50,20 +50,20 @@ class ReplyReader:
     lines of at most MAX_REPLY_LINE octets, at most MAX_REPLY_LINES lines, one code."""
 
     def __init__(self) -> None:
-        self.unread = bytearray()
+        self._unread = bytearray()
         self._lines: list[bytes] = []  # of the reply being read
 
     def feed(self, data: bytes) -> None:
-        self.unread += data
+        self._unread += data
 
     @property
     def pending(self) -> bool:
         """Bytes received that no reply has taken yet."""
-        return bool(self.unread or self._lines)
+        return bool(self._unread or self._lines)
 
     def next_reply(self) -> Reply | None:
         """The next complete reply, or None until more bytes come; MalformedReply."""
-        unread, lines = self.unread, self._lines
+        unread, lines = self._unread, self._lines
         while True:
             end = unread.find(b"\n", 0, MAX_REPLY_LINE)
             if end < 0:
