@@ -87,6 +87,12 @@ class Limits:
     max_connections_per_prefix: int = _c(60, minimum=1)
     ipv4_prefix: int = _c(24, minimum=8)
     ipv6_prefix: int = _c(64, minimum=16)
+    # An IPv6 client is its /ipv6_client_prefix network, for pre-greet, rate and harvest
+    # state: one host gets a whole /64 and could rotate through it.
+    ipv6_client_prefix: int = _c(64, minimum=16)
+    # Entries each per-client table (pre-greet, rates, harvest counts, bans) may hold in
+    # each process; past it the least recently used goes (metric state_evictions_total).
+    max_tracked_clients: int = _c(100_000, minimum=100)
     connection_rate_per_ip: float = _c(5.0, minimum=0.01)  # new connections per second
     connection_burst_per_ip: int = _c(30, minimum=1)
     max_recipients: int = _c(100, minimum=1)
