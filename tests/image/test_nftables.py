@@ -1,18 +1,29 @@
 """The firewall ruleset is loaded, default-deny, with synproxy, caps and ban sets."""
 
+import ipaddress
 import json
+import pathlib
 
 import pytest
+import yaml
+
+ANSIBLE = pathlib.Path(__file__).resolve().parents[2] / "ansible"
+
+# The site settings both the firewall and the gate are rendered from (the ban names,
+# per-source caps): group_vars, which the roles' defaults only back up.
+SITE = yaml.safe_load((ANSIBLE / "group_vars" / "all" / "appliance.yml").read_text())
+TABLE = SITE["appliance_ban_table"]
+BAN4, BAN6 = SITE["appliance_ban_set_ipv4"], SITE["appliance_ban_set_ipv6"]
 
 
 @pytest.fixture(scope="module")
 def ruleset(host):
-    return host.check_output("nft list table inet portcullis")
+    return host.check_output(f"nft list table inet {TABLE}")
 
 
 @pytest.fixture(scope="module")
 def objects(host):
-    listing = json.loads(host.check_output("nft -j list table inet portcullis"))
+    listing = json.loads(host.check_output(f"nft -j list table inet {TABLE}"))
     return listing["nftables"]
 
 
@@ -28,8 +39,7 @@ def test_loaded_at_boot(host):
     assert host.service("nftables").is_enabled
 
 
-@pytest.mark.parametrize("name,kind", [("portcullis_ban4", "ipv4_addr"),
-                                       ("portcullis_ban6", "ipv6_addr")])
+@pytest.mark.parametrize("name,kind", [(BAN4, "ipv4_addr"), (BAN6, "ipv6_addr")])
 def test_ban_sets(objects, name, kind):
     ban = sets(objects)[name]
     assert ban["type"] == kind
@@ -39,16 +49,16 @@ def test_ban_sets(objects, name, kind):
 def test_ban_sets_checked_first(ruleset):
     raw = ruleset.split("chain prerouting_raw")[1]
     rules = [line.strip() for line in raw.splitlines()[2:5]]
-    assert rules[0] == "ip saddr @portcullis_ban4 drop"
-    assert rules[1] == "ip6 saddr @portcullis_ban6 drop"
+    assert rules[0] == f"ip saddr @{BAN4} drop"
+    assert rules[1] == f"ip6 saddr @{BAN6} drop"
 
 
 def test_ban_element_takes_a_timeout(host):
-    host.check_output("nft add element inet portcullis portcullis_ban4 { 192.0.2.77 timeout 60s }")
+    host.check_output(f"nft add element inet {TABLE} {BAN4} {{ 192.0.2.77 timeout 60s }}")
     try:
-        assert "192.0.2.77" in host.check_output("nft list set inet portcullis portcullis_ban4")
+        assert "192.0.2.77" in host.check_output(f"nft list set inet {TABLE} {BAN4}")
     finally:
-        host.run("nft delete element inet portcullis portcullis_ban4 { 192.0.2.77 }")
+        host.run(f"nft delete element inet {TABLE} {BAN4} {{ 192.0.2.77 }}")
 
 
 def test_default_deny(objects):
@@ -62,11 +72,14 @@ def test_smtp_behind_synproxy(ruleset, nftables):
             f"wscale {nftables['nftables_synproxy_wscale']} timestamp sack-perm") in ruleset
 
 
-def test_per_source_caps(ruleset, nftables):
-    cap = nftables["nftables_smtp_max_connections_per_source"]
+def test_per_source_caps(ruleset):
+    """IPv4 sources per address, IPv6 per client prefix (nft lists the mask compressed)."""
+    cap = SITE["appliance_max_connections_per_source"]
+    mask = ipaddress.IPv6Network(f"::/{SITE['appliance_ipv6_client_prefix']}").netmask
     assert f"add @smtp_conns4 {{ ip saddr ct count over {cap} }}" in ruleset
-    assert f"add @smtp_conns6 {{ ip6 saddr ct count over {cap} }}" in ruleset
+    assert f"add @smtp_conns6 {{ ip6 saddr & {mask} ct count over {cap} }}" in ruleset
     assert "update @smtp_rate4 { ip saddr limit rate over" in ruleset
+    assert f"update @smtp_rate6 {{ ip6 saddr & {mask} limit rate over" in ruleset
 
 
 def test_ssh_only_from_admin_networks_on_management(ruleset, nftables):
