@@ -1,4 +1,5 @@
-"""Client addresses: one canonical form, their prefixes, and per-client rate buckets."""
+"""Client addresses: one canonical form, the client an address belongs to, prefixes, and
+per-client rate buckets."""
 
 from __future__ import annotations
 
@@ -22,10 +23,21 @@ def prefix_of(ip: IPAddress, ipv4_bits: int, ipv6_bits: int) -> str:
     return str(ipaddress.ip_network((ip, bits), strict=False))
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=4096)
 def prefix_of_text(address: str, ipv4_bits: int, ipv6_bits: int) -> str:
     """prefix_of for an address in text, remembered: admission asks for every connection."""
     return prefix_of(canonical(address), ipv4_bits, ipv6_bits)
+
+
+@functools.lru_cache(maxsize=4096)
+def client_of(address: str, ipv6_bits: int) -> str:
+    """The client an address stands for: an IPv4 address, or the IPv6 network of
+    `ipv6_bits` (limits.ipv6_client_prefix) around it, since one IPv6 host usually has a
+    whole /64 to take addresses from. Keys every per-client table."""
+    ip = canonical(address)
+    if ip.version == 4 or ipv6_bits == 128:
+        return str(ip)
+    return str(ipaddress.ip_network((ip, ipv6_bits), strict=False))
 
 
 class TokenBucket:

@@ -27,7 +27,7 @@ from .addresses import canonical
 from .admission import ConnectionTable
 from .config import Config, ConfigError
 from .firewall import BanClient
-from .metrics import Registry
+from .metrics import Registry, Tally
 from .policy import reputation
 from .policy.dha import DhaEngine
 
@@ -36,6 +36,7 @@ log = logging.getLogger("portcullis.gate")
 CONTROL_MESSAGE = 65536
 CONTROL_BUFFER = 1 << 20  # room for a burst of handed-over sockets
 RESPAWN_DELAY = 1.0
+HOUSEKEEPING_INTERVAL = 1.0  # seconds between purges and metric updates
 
 
 NO_WORKER_REPLY = b"421 4.3.2 Service temporarily unavailable\r\n"
@@ -360,7 +361,12 @@ class Gate:
         self.registry.active.set(self.table.total)
 
     async def _housekeeping(self) -> None:
+        evictions = Tally()
         while True:
-            await asyncio.sleep(5)
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             self.table.prune(time.monotonic())
+            self.dha.housekeeping()
+            evictions.evicted(self.table.take_evictions())
+            evictions.evicted(self.dha.take_evictions())
+            self.registry.merge(evictions.drain())
             self.registry.stress.set(1 if self.table.stressed else 0)

@@ -14,7 +14,8 @@ from prometheus_client import Counter as PromCounter
 
 from .config import HostPort
 
-# Tally keys: "reason:<LABEL>" for refusals and decisions, plus these.
+# Tally keys: "reason:<LABEL>" for refusals and decisions, "evicted:<table>" for entries
+# a full per-client table dropped, plus these.
 RELAYED = "relayed"
 RELAYED_BYTES = "relayed_bytes"
 BACKEND_ERRORS = "backend_errors"
@@ -35,6 +36,10 @@ class Tally:
 
     def reason(self, label: str) -> None:
         self.counts["reason:" + label] += 1
+
+    def evicted(self, evictions: dict[str, int]) -> None:
+        for table, amount in evictions.items():
+            self.add("evicted:" + table, amount)
 
     def drain(self) -> dict[str, int]:
         counts = dict(self.counts)
@@ -67,6 +72,10 @@ class Registry:
         self.directory_cache_misses = PromCounter(
             "portcullis_directory_cache_misses", "Recipient lookups that asked the directory",
             registry=self.registry)
+        self.evictions = PromCounter(
+            "portcullis_state_evictions",
+            "Entries dropped because a per-client table was full (limits.max_tracked_clients)",
+            ["table"], registry=self.registry)
         self.active = Gauge(
             "portcullis_active_connections", "Connections open now", registry=self.registry)
         self.stress = Gauge(
@@ -84,6 +93,8 @@ class Registry:
         for key, amount in counts.items():
             if key.startswith("reason:"):
                 self.reasons.labels(key[7:]).inc(amount)
+            elif key.startswith("evicted:"):
+                self.evictions.labels(key[8:]).inc(amount)
             elif key in self._plain:
                 self._plain[key].inc(amount)
 

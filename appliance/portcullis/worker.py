@@ -144,6 +144,9 @@ class WorkerProcess:
     async def _report_periodically(self) -> None:
         while True:
             await asyncio.sleep(REPORT_INTERVAL)
+            dha = self.services.dha
+            dha.housekeeping()  # an idle worker forgets too
+            self.tally.evicted(dha.take_evictions())
             self._report()
 
     def _tally_directory(self) -> None:

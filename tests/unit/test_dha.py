@@ -154,8 +154,9 @@ def test_a_prefix_has_its_own_higher_thresholds():
     assert h.pushed == [("192.0.2.14", 3600), ("192.0.2.200", 3600)]
 
 
-def test_an_ipv6_client_is_grouped_by_its_64():
-    h = Harness()
+def test_ipv6_clients_are_grouped_by_their_prefix():
+    # Clients by address (/128), so that the /64 prefix's own thresholds show.
+    h = Harness(config.Config(limits=config.Limits(ipv6_client_prefix=128)))
     for host in range(10):
         h.misses(f"2001:db8:1:2::{host:x}", 1)
     # 10 misses in the /64, one per address: the prefix tarpits, no address alone would.

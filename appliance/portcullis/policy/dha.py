@@ -1,6 +1,7 @@
-"""Directory-harvest defence: count invalid recipients per client address and per
-prefix (/24 for IPv4, /64 for IPv6: limits.ipv4_prefix, ipv6_prefix) across sessions,
-over a sliding window of dha.window seconds, and answer in stages, postscreen style:
+"""Directory-harvest defence: count invalid recipients per client (an IPv4 address, or
+an IPv6 /64: limits.ipv6_client_prefix) and per prefix (/24 for IPv4, /64 for IPv6:
+limits.ipv4_prefix, ipv6_prefix) across sessions, over a sliding window of dha.window
+seconds, and answer in stages, postscreen style:
 
     PASS      below dha.tarpit_after invalid recipients
     TARPIT    label DHA_TARPIT: each RCPT answer waits tarpit_step seconds per invalid
@@ -59,7 +60,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..addresses import canonical, prefix_of
+from ..addresses import canonical, client_of, prefix_of_text
+from ..bounded import BoundedTable
 from ..config import Network
 from ..smtp.replies import Reply
 from .reputation import ReputationStore
@@ -99,8 +101,14 @@ PASSED = Verdict(Stage.PASS)
 @dataclass(frozen=True, slots=True)
 class _Client:
     address: str  # canonical form; IPv4-mapped IPv6 becomes IPv4
+    key: str  # the client: the IPv4 address, or the IPv6 /64 (limits.ipv6_client_prefix)
     prefix: str  # e.g. 192.0.2.0/24
     exempt: bool
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """What an event is counted against: the client, and its prefix if wider."""
+        return (self.key,) if self.prefix == self.key else (self.key, self.prefix)
 
 
 class DhaEngine:
@@ -117,11 +125,13 @@ class DhaEngine:
         self.ban_ttl = config.reputation.ban_ttl
         self.ipv4_prefix = config.limits.ipv4_prefix
         self.ipv6_prefix = config.limits.ipv6_prefix
+        self.ipv6_client_prefix = config.limits.ipv6_client_prefix
         self.exempt: tuple[Network, ...] = tuple(config.allowlist)
         self.store = store
         self.on_ban = on_ban
         self.clock = clock
-        self._pushed: dict[str, float] = {}  # address -> when last sent to the firewall
+        # address -> when last sent to the firewall
+        self._pushed = BoundedTable(config.limits.max_tracked_clients)
         self._next_purge = 0.0
 
     # -- the session's calls ---------------------------------------------------------
@@ -131,10 +141,10 @@ class DhaEngine:
         is banned, else PASS."""
         client = self._client(address)
         now = self.clock()
-        self._purge_if_due(now)
+        self.housekeeping(now)
         if client.exempt:
             return PASSED
-        ban = self.store.ban_of(client.address, now) or self.store.ban_of(client.prefix, now)
+        ban = self.store.ban_of(client.key, now) or self.store.ban_of(client.prefix, now)
         if ban is None:
             return PASSED
         # The kernel should have dropped it: the address is new in a banned prefix, or
@@ -148,6 +158,7 @@ class DhaEngine:
         if client.exempt:
             return PASSED
         now = self.clock()
+        self.housekeeping(now)
         stage = self._dha_stage(client, now)
         if stage >= Stage.TEMPFAIL:
             # Suspect: count this RCPT as a probe, without knowing if the address exists.
@@ -161,6 +172,7 @@ class DhaEngine:
         if client.exempt:
             return PASSED
         now = self.clock()
+        self.housekeeping(now)
         score.add(Signal.INVALID_RECIPIENT)
         self._record(client, now)
         return self._decide(client, now, self._dha_stage(client, now), score,
@@ -172,6 +184,7 @@ class DhaEngine:
         if client.exempt:
             return PASSED
         now = self.clock()
+        self.housekeeping(now)
         return self._decide(client, now, self._dha_stage(client, now), score,
                             before_lookup=False)
 
@@ -180,6 +193,23 @@ class DhaEngine:
         client = self._client(address)
         if not client.exempt:
             self._ban(client, self.clock(), label, prefix_too=False)
+
+    def housekeeping(self, now: float | None = None) -> None:
+        """Take in other processes' writes, and every PURGE_INTERVAL forget what expired.
+        Every entry point calls it, and every process's timer too, so an idle process
+        forgets as well."""
+        now = self.clock() if now is None else now
+        self.store.sync()
+        if now < self._next_purge:
+            return
+        self._next_purge = now + PURGE_INTERVAL
+        self.store.purge(now)
+        horizon = now - REPUSH_INTERVAL
+        self._pushed.drop_where(lambda pushed_at: pushed_at <= horizon)
+
+    def take_evictions(self) -> dict[str, int]:
+        """Entries dropped because a table was full, per table, since the last call."""
+        return {**self.store.take_evictions(), "ban_pushes": self._pushed.take_evictions()}
 
     def restore_bans(self) -> int:
         """At start: send every active address ban to the firewall (the nftables set is
@@ -196,8 +226,10 @@ class DhaEngine:
 
     def _client(self, address: str) -> _Client:
         ip = canonical(address)
-        prefix = prefix_of(ip, self.ipv4_prefix, self.ipv6_prefix)
-        return _Client(str(ip), prefix, any(ip in net for net in self.exempt))
+        text = str(ip)
+        return _Client(text, client_of(text, self.ipv6_client_prefix),
+                       prefix_of_text(text, self.ipv4_prefix, self.ipv6_prefix),
+                       any(ip in net for net in self.exempt))
 
     def _dha_stage(self, client: _Client, now: float) -> Stage:
         if not self.settings.enabled:
@@ -206,7 +238,7 @@ class DhaEngine:
 
     def _address_stage(self, client: _Client, now: float) -> Stage:
         s = self.settings
-        count = self.store.count_events(client.address, now - s.window)
+        count = self.store.count_events(client.key, now - s.window)
         return _stage(count, s.tarpit_after, s.suspect_after, s.ban_after)
 
     def _prefix_stage(self, client: _Client, now: float) -> Stage:
@@ -217,14 +249,14 @@ class DhaEngine:
     def _tarpit_delay(self, client: _Client, now: float) -> float:
         s = self.settings
         since = now - s.window
-        over = max(self.store.count_events(client.address, since) - s.tarpit_after,
+        over = max(self.store.count_events(client.key, since) - s.tarpit_after,
                    self.store.count_events(client.prefix, since) - s.prefix_tarpit_after)
         return min(s.tarpit_max, s.tarpit_step * (over + 1)) if over >= 0 else 0.0
 
     def _record(self, client: _Client, now: float) -> None:
         if self.settings.enabled:
-            self.store.add_event(client.address, now)
-            self.store.add_event(client.prefix, now)
+            for key in client.keys:
+                self.store.add_event(key, now)
 
     def _decide(self, client: _Client, now: float, dha_stage: Stage, score: ConnectionScore,
                 before_lookup: bool) -> Verdict:
@@ -245,13 +277,14 @@ class DhaEngine:
 
     def _ban(self, client: _Client, now: float, label: str, prefix_too: bool) -> None:
         """Ban for ban_ttl from the first trigger; a ban in force is not extended."""
-        keys = (client.address, client.prefix) if prefix_too else (client.address,)
+        keys = client.keys if prefix_too else (client.key,)
         until = now + self.ban_ttl
         for key in keys:
             if self.store.ban_of(key, now) is None:
                 self.store.ban(key, until, label)
                 log.info("%s %s banned for %ss", label, key, int(self.ban_ttl))
-        self._push(client.address, self.store.ban_of(client.address, now).until, now)
+        ban = self.store.ban_of(client.key, now)
+        self._push(client.address, ban.until if ban else until, now)
 
     def _push(self, address: str, until: float, now: float) -> None:
         """Send a ban to the firewall, at most once per REPUSH_INTERVAL per address."""
@@ -262,14 +295,6 @@ class DhaEngine:
         if seconds >= 1:
             self._pushed[address] = now
             self.on_ban(address, seconds)
-
-    def _purge_if_due(self, now: float) -> None:
-        if now < self._next_purge:
-            return
-        self._next_purge = now + PURGE_INTERVAL
-        self.store.purge(now)
-        horizon = now - REPUSH_INTERVAL
-        self._pushed = {a: t for a, t in self._pushed.items() if t > horizon}
 
 
 def _stage(count: int, tarpit_after: int, suspect_after: int, ban_after: int) -> Stage:

@@ -31,6 +31,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..bounded import BoundedTable
 from ..config import ConfigError
 
 log = logging.getLogger("portcullis.reputation")
@@ -79,6 +80,13 @@ class ReputationStore(ABC):
     def purge(self, now: float) -> None:
         """Forget expired bans and events older than the retention."""
 
+    def sync(self) -> None:
+        """Take in what other processes wrote, without waiting (call it often)."""
+
+    def take_evictions(self) -> dict[str, int]:
+        """Keys dropped because a table was full, per table, since the last call."""
+        return {}
+
     def flush(self) -> None:
         """Block until earlier writes are stored and others' writes are visible."""
 
@@ -89,21 +97,24 @@ class ReputationStore(ABC):
 class MemoryStore(ReputationStore):
     """The in-memory store. Events older than `retention` seconds are dropped, and at
     most `max_events_per_key` newest events are kept per key (the engine needs counts
-    only up to its highest threshold)."""
+    only up to its highest threshold). At most `max_keys` keys have events, and as many
+    have bans: past that, the key written least recently is forgotten."""
 
-    def __init__(self, retention: float, max_events_per_key: int = 256):
+    def __init__(self, retention: float, max_events_per_key: int = 256,
+                 max_keys: int = 100_000):
         self.retention = retention
         self.max_events_per_key = max_events_per_key
-        self._events: dict[str, list[float]] = {}  # key -> sorted timestamps
-        self._bans: dict[str, Ban] = {}
+        self._events = BoundedTable(max_keys)  # key -> sorted timestamps
+        self._bans = BoundedTable(max_keys)  # key -> Ban
 
     def add_event(self, key: str, at: float) -> None:
-        times = self._events.setdefault(key, [])
+        times = self._events.get(key, [])
         bisect.insort(times, at)
         oldest_kept = bisect.bisect_left(times, at - self.retention)
         excess = max(oldest_kept, len(times) - self.max_events_per_key)
         if excess > 0:
             del times[:excess]
+        self._events[key] = times  # now the most recent key
 
     def count_events(self, key: str, since: float) -> int:
         times = self._events.get(key)
@@ -130,10 +141,11 @@ class MemoryStore(ReputationStore):
 
     def purge(self, now: float) -> None:
         horizon = now - self.retention
-        for key in [k for k, times in self._events.items() if times[-1] < horizon]:
-            del self._events[key]
-        for key in [k for k, ban in self._bans.items() if ban.until <= now]:
-            del self._bans[key]
+        self._events.drop_where(lambda times: times[-1] < horizon)
+        self._bans.drop_where(lambda ban: ban.until <= now)
+
+    def take_evictions(self) -> dict[str, int]:
+        return {"harvest": self._events.take_evictions(), "bans": self._bans.take_evictions()}
 
 
 _SCHEMA = """
@@ -160,8 +172,9 @@ class SqliteStore(MemoryStore):
     """MemoryStore with write-behind persistence to one SQLite file (see module doc)."""
 
     def __init__(self, path: str, retention: float, max_events_per_key: int = 256,
-                 sync_interval: float = 1.0, clock: Callable[[], float] = time.time):
-        super().__init__(retention, max_events_per_key)
+                 max_keys: int = 100_000, sync_interval: float = 1.0,
+                 clock: Callable[[], float] = time.time):
+        super().__init__(retention, max_events_per_key, max_keys)
         self.path = path
         self.sync_interval = sync_interval
         self.write_errors = 0  # batches lost to a disk or database error
@@ -239,6 +252,13 @@ class SqliteStore(MemoryStore):
     def active_bans(self, now: float) -> list[Ban]:
         self._apply_inbox()
         return super().active_bans(now)
+
+    def sync(self) -> None:
+        self._apply_inbox()
+
+    def purge(self, now: float) -> None:
+        self._apply_inbox()
+        super().purge(now)
 
     def flush(self) -> None:
         """Wait (up to FLUSH_TIMEOUT) until queued writes are committed and other
@@ -358,7 +378,8 @@ def open_store(config, clock: Callable[[], float] = time.time) -> ReputationStor
     dha = config.dha
     retention = dha.window
     max_events = max(dha.ban_after, dha.prefix_ban_after) + 1
+    max_keys = config.limits.max_tracked_clients
     if config.reputation.store == "memory":
-        return MemoryStore(retention, max_events)
+        return MemoryStore(retention, max_events, max_keys)
     return SqliteStore(os.path.join(config.state_dir, DATABASE_NAME), retention, max_events,
-                       config.reputation.sync_interval, clock)
+                       max_keys, config.reputation.sync_interval, clock)
