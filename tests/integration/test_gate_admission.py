@@ -224,3 +224,32 @@ def test_session_deadline_and_minimum_data_rate(backend, tmp_path):
                 pass
         assert reply.startswith(b"421 4.4.2")
     assert "DATA_TOO_SLOW" in gate.log_text()
+
+
+def metric(gate, name: str) -> float:
+    """A sample's value from /metrics (0 when absent), e.g. name='x_total{table="y"}'."""
+    listen = gate.settings["metrics"]["listen"]
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def test_full_per_client_tables_evict_and_count_it(backend, tmp_path):
+    # 150 clients, each in a /24 of its own, passing the pre-greet wait and missing one
+    # recipient, against tables of 100: the oldest go, in the admission process and in
+    # the worker alike.
+    with GateProcess(tmp_path, backend, workers=1, metrics={"listen": f"127.0.0.1:{free_port()}"},
+                     limits={"pregreet_delay": 0.05, "max_tracked_clients": 100}) as gate:
+        for host in range(1, 151):
+            with smtplib.SMTP("127.0.0.1", gate.port, local_hostname="client.test",
+                              source_address=(f"127.{host}.7.1", 0), timeout=20) as client:
+                client.ehlo()
+                client.mail("s@outside.test")
+                assert client.rcpt(f"nobody{host}@example.test")[0] == 550
+        wait_until(lambda: metric(gate, 'portcullis_state_evictions_total{table="pregreet"}') >= 50,
+                   10, "the admission process to count its evictions")
+        wait_until(lambda: metric(gate, 'portcullis_state_evictions_total{table="harvest"}') >= 50,
+                   10, "the worker to report its evictions")
+        assert deliver(gate, "127.0.7.200") == 250
