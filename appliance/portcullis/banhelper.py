@@ -57,7 +57,6 @@ MAX_CLIENTS = 16  # connections served at once; more get "ERR busy"
 READ_TIMEOUT = 5.0  # seconds a connection may stay silent
 NFT_TIMEOUT = 10.0  # seconds one nft (or ip) run may take
 SOCKET_MODE = 0o660
-NFT_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,62}")
 ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f.:]{2,45}")
 SECONDS_CHARS = re.compile(r"[0-9]{1,12}")
 
@@ -184,15 +183,6 @@ def _printable(text: str, limit: int = 48) -> str:
     return "".join(c if c.isprintable() else "?" for c in text[:limit])
 
 
-def check_names(settings: config_module.BanHelper) -> None:
-    """Raise ConfigError unless table and set names are plain nft identifiers."""
-    for key in ("table", "set_ipv4", "set_ipv6"):
-        value = getattr(settings, key)
-        if not NFT_NAME.fullmatch(value):
-            raise ConfigError(f"key 'ban_helper.{key}': '{value}' is not an nftables name "
-                              "(a letter, then letters, digits or _)")
-
-
 def add_element_script(table: str, set_name: str, address: IPAddress, seconds: int) -> str:
     """nft statements that leave exactly one element with this timeout: an element that
     already exists keeps its old timeout on `add` in older kernels, so add (a no-op if
@@ -204,10 +194,11 @@ def add_element_script(table: str, set_name: str, address: IPAddress, seconds: i
 
 
 class BanHelper:
+    """Table and set names are plain nft identifiers, checked at load (config.py)."""
+
     def __init__(self, config: config_module.Config, nft: str,
                  clock: Callable[[], float] = time.monotonic):
         settings = config.ban_helper
-        check_names(settings)
         self.settings = settings
         self.nft = nft
         self.policy = RequestPolicy(config)
@@ -302,9 +293,8 @@ def _check_sets(nft: str, settings: config_module.BanHelper) -> None:
 
 def _remove_stale_socket(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            raise ConfigError(f"key 'ban_socket': {path} exists and is not a socket")
-        os.unlink(path)
+        if stat.S_ISSOCK(os.lstat(path).st_mode):  # anything else: config.check_ban_helper
+            os.unlink(path)
 
 
 async def serve(helper: BanHelper, path: str, group_id: int | None) -> None:
@@ -341,15 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                             format="portcullis ban-helper: %(levelname)s %(message)s")
     try:
-        config = config_module.load(args.config)
-        if not config.ban_socket:
-            raise ConfigError(f"{args.config}: key 'ban_socket': set the path of the "
-                              "ban helper's Unix socket")
+        config = config_module.check_ban_helper(config_module.load(args.config, io_checks=False))
         nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
         if nft is None:
             raise ConfigError("nft not found: install the nftables package")
         helper = BanHelper(config, nft)
-        group_id = _group_id(config.ban_helper.socket_group)
+        group = config.ban_helper.socket_group
+        group_id = grp.getgrnam(group).gr_gid if group else None
         _check_sets(nft, config.ban_helper)
         asyncio.run(serve(helper, config.ban_socket, group_id))
     except ConfigError as e:
@@ -359,15 +347,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"portcullis ban-helper: {e.filename or ''}: {e.strerror}", file=sys.stderr)
         return 1
     return 0
-
-
-def _group_id(name: str) -> int | None:
-    if not name:
-        return None
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        raise ConfigError(f"key 'ban_helper.socket_group': no group named '{name}'") from None
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import socket
 import sys
@@ -30,44 +29,18 @@ def _setup_logging(level: str, name: str) -> None:
     )
 
 
-def _load_checked(path: str) -> configuration.Config:
-    """Load the configuration and the recipient list it names; ConfigError if either is bad."""
-    config = configuration.load(path)
-    _check_worker_services(config)
-    if config.recipients.source == "static":
-        from .policy.recipients import RecipientListError, parse_recipient_list
-        try:
-            with open(config.recipients.file, encoding="utf-8", errors="replace") as f:
-                parse_recipient_list(f.read(), config.recipients.file)
-        except OSError as e:
-            raise ConfigError(f"key 'recipients.file': cannot read {config.recipients.file}: "
-                              f"{e.strerror}") from None
-        except RecipientListError as e:
-            raise ConfigError(str(e)) from None
-    return config
-
-
-def _check_worker_services(config: configuration.Config) -> None:
-    """Build what a worker builds (directory, resolver, TLS pair), so that a problem stops
-    the start here, with its key, instead of failing in every worker."""
-    from .metrics import Tally
-    from .policy.reputation import MemoryStore
-    from .worker import make_services
-
-    if not config.tls.cert_file:  # a pair to generate is made by the gate at start
-        config = dataclasses.replace(config, tls=dataclasses.replace(config.tls, enabled=False))
-    make_services(config, Tally(), MemoryStore(retention=1), None).recipients.close()
-
+# check-config, serve, a worker's start and a reload (gate.py, worker.py) all validate
+# through configuration.load(): the schema, the rules across keys, and what the keys name.
 
 def check_config(args: argparse.Namespace) -> int:
-    config = _load_checked(args.config)
+    config = configuration.load(args.config)
     print(f"{args.config}: OK ({len(config.relay_domains)} relay domains, "
           f"{len(config.backend.servers)} backend servers, {config.workers} workers)")
     return 0
 
 
 def serve(args: argparse.Namespace) -> int:
-    config = _load_checked(args.config)
+    config = configuration.load(args.config)
     _setup_logging(config.log_level, "gate")
     _event_loop_policy()
     from .gate import Gate

@@ -1,4 +1,6 @@
-"""The STARTTLS server context: the configured pair, or a self-signed one made on first start."""
+"""The STARTTLS server context: the configured pair, or a self-signed one made on first start.
+
+config.check() has made sure the pair loads, or that its directory can be made."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ import logging
 import os
 import ssl
 
-from .config import ConfigError, Tls
+from .config import SELF_SIGNED_PAIR, Tls
 
 log = logging.getLogger("portcullis.tls")
 
@@ -16,23 +18,17 @@ def server_context(tls: Tls, hostname: str) -> ssl.SSLContext | None:
     if not tls.enabled:
         return None
     cert, key = tls.cert_file, tls.key_file
-    if bool(cert) != bool(key):
-        raise ConfigError("key 'tls.cert_file' and 'tls.key_file': give both or neither")
     if not cert:
         cert, key = _self_signed_pair(tls.generated_dir, hostname)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"key 'tls.cert_file': cannot load {cert} with {key}: {e}") from None
+    context.load_cert_chain(cert, key)
     return context
 
 
 def _self_signed_pair(directory: str, hostname: str) -> tuple[str, str]:
-    cert_path = os.path.join(directory, "selfsigned.crt")
-    key_path = os.path.join(directory, "selfsigned.key")
+    cert_path, key_path = (os.path.join(directory, name) for name in SELF_SIGNED_PAIR)
     if os.path.exists(cert_path) and os.path.exists(key_path):
         return cert_path, key_path
     from cryptography import x509
@@ -40,10 +36,7 @@ def _self_signed_pair(directory: str, hostname: str) -> tuple[str, str]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    try:
-        os.makedirs(directory, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"key 'tls.generated_dir': cannot create {directory}: {e.strerror}") from None
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     private_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
     now = datetime.datetime.now(datetime.UTC)

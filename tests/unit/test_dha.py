@@ -265,8 +265,8 @@ def test_bans_survive_a_restart_and_are_sent_to_the_firewall_again(tmp_path):
 
 def test_out_of_order_thresholds_are_a_config_error():
     with pytest.raises(config.ConfigError,
-                       match=r"portcullis.yaml: key 'dha.prefix_ban_after' \(30\) must not be "
-                             r"below 'dha.prefix_suspect_after' \(40\)"):
+                       match=r"portcullis.yaml line 3: key 'dha.prefix_ban_after': must not be "
+                             r"below 'dha.prefix_suspect_after' \(40\), got 30"):
         config.loads("relay_domains: [example.org]\nbackend: {servers: ['127.0.0.1:25']}\n"
                      "dha: {prefix_suspect_after: 40}\n", "portcullis.yaml")
 

@@ -80,8 +80,9 @@ def test_bad_values_name_the_key_and_line(text, message):
 
 
 def test_a_nameserver_must_be_an_address():
-    with pytest.raises(ConfigError, match="key 'dns.nameservers': 'dns.example.org:53' must be"):
-        make_resolver(DnsChecks(nameservers=[HostPort("dns.example.org", 53)]))
+    with pytest.raises(ConfigError, match="line 3: key 'dns.nameservers': 'dns.example.org:53' "
+                                          "must be an IP address"):
+        loads(BASE + "dns: {nameservers: ['dns.example.org:53']}\n")
 
 
 def test_the_resolver_uses_only_the_configured_nameservers():

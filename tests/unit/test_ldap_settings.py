@@ -1,7 +1,9 @@
 """LDAP directory parts that need no server: filter escaping, settings checks, the cache."""
 
+import json
+
 import pytest
-from portcullis.config import ConfigError, LdapDirectory, loads
+from portcullis.config import ConfigError, LdapDirectory, check, loads
 from portcullis.policy import Lookup
 from portcullis.policy.ldap_directory import (
     AnswerCache,
@@ -30,26 +32,34 @@ def make(**settings) -> LdapRecipientDirectory:
     return directory
 
 
+LDAP_CONFIG = ("relay_domains: [example.org]\nbackend: {servers: ['127.0.0.1:2525']}\n"
+               "reputation: {store: memory}\ntls: {enabled: false}\n"
+               "recipients:\n  source: ldap\n  ldap:\n    base: dc=example,dc=org\n")
+
+
 @pytest.mark.parametrize("settings, message", [
-    ({"filter": "(mail=alice)"}, "key 'recipients.ldap.filter': must contain {addr}"),
-    ({"filter": "(mail={addr}"}, "key 'recipients.ldap.filter': not a valid LDAP filter"),
-    ({"filter": "mail={addr})("}, "key 'recipients.ldap.filter': not a valid LDAP filter"),
-    ({"url": "http://ldap.example.org"}, ("key 'recipients.ldap.url': 'http://ldap.example.org'"
-                                         " must start with ldap:// or ldaps://")),
+    ({"filter": "(mail=alice)"}, "line 9: key 'recipients.ldap.filter': must contain {addr}"),
+    ({"filter": "(mail={addr}"}, "line 9: key 'recipients.ldap.filter': not a valid LDAP filter"),
+    ({"filter": "mail={addr})("}, "line 9: key 'recipients.ldap.filter': not a valid LDAP filter"),
+    ({"url": "http://ldap.example.org"}, ("line 9: key 'recipients.ldap.url': "
+                                         "'http://ldap.example.org' must start with ldap://")),
     ({"url": "ldaps://ldap.example.org", "starttls": True},
-     "key 'recipients.ldap.starttls': use either ldaps:// or starttls, not both"),
-    ({"bind_dn": "cn=gate,dc=example,dc=org"}, "give both, or neither"),
-    ({"password_file": "/nonexistent/password"}, "give both, or neither"),
+     "line 10: key 'recipients.ldap.starttls': use either ldaps:// or starttls, not both"),
+    ({"bind_dn": "cn=gate,dc=example,dc=org"},
+     "line 7: key 'recipients.ldap.password_file': give both"),
+    ({"password_file": "/nonexistent/password"}, "line 7: key 'recipients.ldap.bind_dn': give both"),
     ({"bind_dn": "cn=gate", "password_file": "/nonexistent/password"},
-     ("key 'recipients.ldap.password_file': cannot read /nonexistent/password: "
+     ("line 10: key 'recipients.ldap.password_file': cannot read /nonexistent/password: "
      "No such file or directory")),
     ({"ca_file": "/nonexistent/ca.crt", "starttls": True},
-     "key 'recipients.ldap.ca_file': /nonexistent/ca.crt is not a readable file"),
+     "line 9: key 'recipients.ldap.ca_file': cannot read /nonexistent/ca.crt: No such file"),
 ])
-def test_bad_settings_name_the_key(settings, message):
+def test_bad_settings_name_the_key_and_line(settings, message):
+    text = LDAP_CONFIG + "".join(f"    {key}: {json.dumps(value)}\n"
+                                 for key, value in settings.items())
     with pytest.raises(ConfigError) as error:
-        make(**settings)
-    assert message in str(error.value)
+        check(loads(text, "x.yaml"))
+    assert f"x.yaml {message}" in str(error.value)
 
 
 def test_the_password_is_the_first_line_without_its_line_end(tmp_path):

@@ -76,8 +76,8 @@ def test_thresholds_are_configurable():
 
 
 def test_thresholds_out_of_order_are_a_config_error_naming_the_key():
-    with pytest.raises(config.ConfigError, match=r"'score.ban' \(8.0\) must not be below "
-                                                 r"'score.tempfail' \(10.0\)"):
+    with pytest.raises(config.ConfigError, match=r"line 3: key 'score.ban': must not be below "
+                                                 r"'score.tempfail' \(10\), got 8"):
         config.loads("relay_domains: [example.org]\nbackend: {servers: ['127.0.0.1:25']}\n"
                      "score: {ban: 8}\n", "/etc/portcullis/portcullis.yaml")
 

@@ -3,7 +3,7 @@
 import ssl
 
 import pytest
-from portcullis.config import ConfigError, Tls
+from portcullis.config import ConfigError, Tls, check, loads
 from portcullis.tls import server_context
 
 
@@ -27,11 +27,13 @@ def test_configured_pair_is_used(tmp_path):
 
 def test_bad_pair_is_a_clear_config_error(tmp_path):
     (tmp_path / "cert.pem").write_text("not a certificate")
-    with pytest.raises(ConfigError, match="key 'tls.cert_file': cannot load"):
-        server_context(Tls(cert_file=str(tmp_path / "cert.pem"), key_file=str(tmp_path / "cert.pem")),
-                       "mx")
-    with pytest.raises(ConfigError, match="give both or neither"):
-        server_context(Tls(cert_file=str(tmp_path / "cert.pem")), "mx")
+    (tmp_path / "recipients").write_text("")
+    base = (f"relay_domains: [example.org]\nbackend: {{servers: ['127.0.0.1:25']}}\n"
+            f"reputation: {{store: memory}}\nrecipients: {{file: {tmp_path}/recipients}}\n")
+    with pytest.raises(ConfigError, match="line 5: key 'tls.cert_file': .* not a PEM certificate"):
+        check(loads(base + f"tls: {{cert_file: {tmp_path}/cert.pem, key_file: {tmp_path}/cert.pem}}\n"))
+    with pytest.raises(ConfigError, match="line 5: key 'tls.key_file': give both .* or neither"):
+        loads(base + f"tls: {{cert_file: {tmp_path}/cert.pem}}\n")
 
 
 def test_disabled_tls_offers_nothing(tmp_path):

@@ -25,7 +25,7 @@ import dns.nameserver
 import dns.resolver
 import dns.reversename
 
-from ..config import ConfigError, DnsChecks, DnsListSite
+from ..config import DnsChecks, DnsListSite
 from .findings import Action, Finding
 from .helo import IPAddress, check_helo, normalized_address
 from .score import Signal
@@ -46,24 +46,14 @@ class Unresolved(Exception):
 
 
 def make_resolver(settings: DnsChecks) -> dns.asyncresolver.Resolver:
-    """A resolver on the configured nameservers, or on those of /etc/resolv.conf."""
+    """A resolver on the configured nameservers (IP addresses, checked at load), or on
+    those of /etc/resolv.conf."""
     if settings.nameservers:
         resolver = dns.asyncresolver.Resolver(configure=False)
-        servers = []
-        for server in settings.nameservers:
-            try:
-                ipaddress.ip_address(server.host)
-            except ValueError:
-                raise ConfigError(f"key 'dns.nameservers': '{server}' must be an IP address "
-                                  "and port, like 127.0.0.1:53") from None
-            servers.append(dns.nameserver.Do53Nameserver(server.host, server.port))
-        resolver.nameservers = servers
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(server.host, server.port)
+                                for server in settings.nameservers]
     else:
-        try:
-            resolver = dns.asyncresolver.Resolver()
-        except dns.resolver.NoResolverConfiguration:
-            raise ConfigError("key 'dns.nameservers' is empty and /etc/resolv.conf names "
-                              "no nameserver: list at least one IP:port") from None
+        resolver = dns.asyncresolver.Resolver()
     resolver.cache = dns.resolver.LRUCache(settings.cache_size) if settings.cache_size else None
     return resolver
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
 import re
 import ssl
 import threading
@@ -29,15 +28,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import ldap3
 from ldap3.core.exceptions import LDAPException
-from ldap3.operation.search import parse_filter
 
-from ..config import ConfigError, LdapDirectory
+from ..config import ADDRESS_PLACEHOLDER, LdapDirectory
 from . import Lookup
 
 log = logging.getLogger("portcullis.ldap")
-
-KEY = "recipients.ldap"
-ADDRESS_PLACEHOLDER = "{addr}"
 
 # RFC 4515 section 3: in an assertion value these five must be written as \XX (hex).
 _FILTER_ESCAPES = str.maketrans({"\\": r"\5c", "*": r"\2a", "(": r"\28", ")": r"\29",
@@ -98,13 +93,12 @@ class LdapRecipientDirectory:
 
     Counters for metrics: `cache_hits`, `cache_misses` (lookups that went to the directory)
     and `tempfails` (lookups answered TEMPFAIL because the directory could not tell).
+    The settings are those config.load() checked: URL, filter, files.
     """
 
     def __init__(self, settings: LdapDirectory):
-        _check_settings(settings)
         self._password = _read_password(settings)
         self._tls = _make_tls(settings)
-        _make_server(settings, self._tls)  # fail now on a URL ldap3 cannot use
         self.settings = settings
         self.cache_hits = 0
         self.cache_misses = 0
@@ -158,8 +152,9 @@ class LdapRecipientDirectory:
         """Re-read the password file, forget cached answers and reconnect on next use."""
         try:
             password = _read_password(self.settings)
-        except ConfigError as e:
-            log.error("%s; keeping the previous password", e)
+        except (OSError, ValueError) as e:
+            log.error("cannot read %s (%s); keeping the previous password",
+                      self.settings.password_file, getattr(e, "strerror", None) or e)
         else:
             self._password = password
         self._cache.clear()
@@ -251,39 +246,15 @@ class LdapRecipientDirectory:
                       self.settings.url, reason)
 
 
-def _check_settings(settings: LdapDirectory) -> None:
-    if not settings.url.lower().startswith(("ldap://", "ldaps://")):
-        raise ConfigError(f"key '{KEY}.url': '{settings.url}' must start with ldap:// or ldaps://")
-    if settings.starttls and settings.url.lower().startswith("ldaps://"):
-        raise ConfigError(f"key '{KEY}.starttls': use either ldaps:// or starttls, not both")
-    if ADDRESS_PLACEHOLDER not in settings.filter:
-        raise ConfigError(f"key '{KEY}.filter': must contain {ADDRESS_PLACEHOLDER}, "
-                          "where the recipient address goes")
-    sample = settings.filter.replace(ADDRESS_PLACEHOLDER, "user@example.org")
-    try:
-        parse_filter(sample, None, True, True, None, False)
-    except LDAPException as e:
-        raise ConfigError(f"key '{KEY}.filter': not a valid LDAP filter: {e}") from None
-    if bool(settings.bind_dn) != bool(settings.password_file):
-        raise ConfigError(f"key '{KEY}.bind_dn' and '{KEY}.password_file': give both, "
-                          "or neither for an anonymous bind")
-
-
 def _read_password(settings: LdapDirectory) -> str:
+    """The first line of password_file without its line end; "" for an anonymous bind."""
     if not settings.password_file:
         return ""
-    try:
-        with open(settings.password_file, encoding="utf-8") as f:
-            return f.readline().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or str(e)
-        raise ConfigError(f"key '{KEY}.password_file': cannot read "
-                          f"{settings.password_file}: {reason}") from None
+    with open(settings.password_file, encoding="utf-8") as f:
+        return f.readline().rstrip("\r\n")
 
 
 def _make_tls(settings: LdapDirectory) -> ldap3.Tls | None:
-    if settings.ca_file and not os.path.isfile(settings.ca_file):
-        raise ConfigError(f"key '{KEY}.ca_file': {settings.ca_file} is not a readable file")
     if not (settings.starttls or settings.url.lower().startswith("ldaps://")):
         return None
     # No ca_file means the system's trust store; the server name is always checked.
@@ -293,11 +264,8 @@ def _make_tls(settings: LdapDirectory) -> ldap3.Tls | None:
 def _make_server(settings: LdapDirectory, tls: ldap3.Tls | None) -> ldap3.Server:
     """A new Server object per connection: ldap3 marks a server's address unusable for
     some seconds after a failed connect, which would delay recovery after an outage."""
-    try:
-        return ldap3.Server(settings.url, tls=tls, connect_timeout=settings.timeout,
-                            get_info=ldap3.NONE)
-    except LDAPException as e:
-        raise ConfigError(f"key '{KEY}.url': '{settings.url}': {e}") from None
+    return ldap3.Server(settings.url, tls=tls, connect_timeout=settings.timeout,
+                        get_info=ldap3.NONE)
 
 
 def _unbind_quietly(connection: ldap3.Connection) -> None:
