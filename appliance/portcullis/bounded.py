@@ -7,8 +7,9 @@ from collections.abc import Callable
 
 
 class BoundedTable(OrderedDict):
-    """A dict of at most `capacity` keys. Storing a key makes it the newest; past the
-    capacity the oldest goes, and `evictions` counts how many went that way."""
+    """A dict of at most `capacity` keys. Storing a key or getting it with get() makes it
+    the newest; past the capacity the least recently used goes, and `evictions` counts
+    how many went that way."""
 
     def __init__(self, capacity: int):
         super().__init__()
@@ -21,6 +22,14 @@ class BoundedTable(OrderedDict):
         while len(self) > self.capacity:
             self.popitem(last=False)
             self.evictions += 1
+
+    def get(self, key, default=None):
+        try:
+            value = self[key]
+        except KeyError:
+            return default
+        self.move_to_end(key)
+        return value
 
     def drop_where(self, expired: Callable[[object], bool]) -> None:
         """Forget every entry whose value is expired."""

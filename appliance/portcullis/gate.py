@@ -84,7 +84,7 @@ class Gate:
     def __post_init__(self) -> None:
         self.table = ConnectionTable(self.config)
         self.loop = asyncio.get_event_loop()
-        self.store = reputation.open_store(self.config)
+        self.store = reputation.open_store(self.config, read_events=False)  # bans only
         self.bans = BanClient(self.config.ban_socket) if self.config.ban_socket else None
         self.dha = self._dha_engine(self.config)
 

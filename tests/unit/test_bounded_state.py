@@ -153,3 +153,29 @@ def test_the_client_prefix_is_configurable():
     table.pregreet_pass("2001:db8:1:2::1", 0.0)
     assert table.needs_pregreet("2001:db8:1:2::2", 1.0)
     assert not table.needs_pregreet("2001:db8:1:2::1", 1.0)
+
+
+def test_a_returning_client_keeps_its_pass_while_new_ones_come_and_go():
+    # Least recently USED goes: a regular client, seen between waves of new ones, stays.
+    table = ConnectionTable(settings("limits: {max_tracked_clients: 100}\n"))
+    table.pregreet_pass("192.0.2.1", 0.0)
+    for wave in range(5):
+        for n in range(60):
+            table.pregreet_pass(ipv4(wave * 60 + n), 0.0)
+        assert not table.needs_pregreet("192.0.2.1", 1.0)
+
+
+def test_the_admission_process_keeps_bans_but_not_others_harvest_counts(tmp_path):
+    conf = config.loads(BASE + f"state_dir: {tmp_path}\n")  # the SQLite store
+    clock = Clock()
+    worker, gate = open_store(conf, clock), open_store(conf, clock, read_events=False)
+    try:
+        worker.add_event("192.0.2.7", T0)
+        worker.ban("192.0.2.8", T0 + 60, "TEST")
+        worker.flush()
+        gate.flush()
+        assert gate.ban_of("192.0.2.8", T0) is not None
+        assert gate.count_events("192.0.2.7", T0 - 1) == 0
+    finally:
+        worker.close()
+        gate.close()

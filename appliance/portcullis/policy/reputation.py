@@ -98,7 +98,7 @@ class MemoryStore(ReputationStore):
     """The in-memory store. Events older than `retention` seconds are dropped, and at
     most `max_events_per_key` newest events are kept per key (the engine needs counts
     only up to its highest threshold). At most `max_keys` keys have events, and as many
-    have bans: past that, the key written least recently is forgotten."""
+    have bans: past that, the key used least recently is forgotten."""
 
     def __init__(self, retention: float, max_events_per_key: int = 256,
                  max_keys: int = 100_000):
@@ -173,9 +173,10 @@ class SqliteStore(MemoryStore):
 
     def __init__(self, path: str, retention: float, max_events_per_key: int = 256,
                  max_keys: int = 100_000, sync_interval: float = 1.0,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, read_events: bool = True):
         super().__init__(retention, max_events_per_key, max_keys)
         self.path = path
+        self.read_events = read_events  # False: others' events are not kept (bans only)
         self.sync_interval = sync_interval
         self.write_errors = 0  # batches lost to a disk or database error
         self._clock = clock
@@ -216,8 +217,8 @@ class SqliteStore(MemoryStore):
                         "SELECT key, until, label FROM bans WHERE until > ?", (now,)):
                     super().ban(key, until, label)
                 for key, at in self._db.execute(
-                        "SELECT key, at FROM events WHERE at > ? ORDER BY at",
-                        (now - self.retention,)):
+                        "SELECT key, at FROM events WHERE at > ? AND ? ORDER BY at",
+                        (now - self.retention, self.read_events)):
                     super().add_event(key, at)
                 self._last_ban_id, self._last_event_id = self._max_ids()
         except sqlite3.Error as e:
@@ -357,8 +358,9 @@ class SqliteStore(MemoryStore):
                     (self._last_ban_id, self._writer_id)):
                 self._inbox.append(("ban", key, until, label))
             for key, at in self._db.execute(
-                    "SELECT key, at FROM events WHERE id > ? AND writer != ? AND at > ?",
-                    (self._last_event_id, self._writer_id, self._clock() - self.retention)):
+                    "SELECT key, at FROM events WHERE id > ? AND writer != ? AND at > ? AND ?",
+                    (self._last_event_id, self._writer_id, self._clock() - self.retention,
+                     self.read_events)):
                 self._inbox.append(("event", key, at))
             self._last_ban_id, self._last_event_id = self._max_ids()
 
@@ -370,8 +372,11 @@ class SqliteStore(MemoryStore):
             self._db.execute("DELETE FROM events WHERE at <= ?", (now - self.retention,))
 
 
-def open_store(config, clock: Callable[[], float] = time.time) -> ReputationStore:
+def open_store(config, clock: Callable[[], float] = time.time,
+               read_events: bool = True) -> ReputationStore:
     """The store config.reputation asks for, sized for config.dha's window and thresholds.
+    Without read_events, other processes' harvest counts are not kept: the admission
+    process needs only the bans.
 
     Raises ReputationStoreError when the SQLite file cannot be opened.
     """
@@ -382,4 +387,4 @@ def open_store(config, clock: Callable[[], float] = time.time) -> ReputationStor
     if config.reputation.store == "memory":
         return MemoryStore(retention, max_events, max_keys)
     return SqliteStore(os.path.join(config.state_dir, DATABASE_NAME), retention, max_events,
-                       max_keys, config.reputation.sync_interval, clock)
+                       max_keys, config.reputation.sync_interval, clock, read_events)
