@@ -5,10 +5,10 @@
 .PHONY: bench bench-memory
 BENCH_ARGS ?=
 
-bench:
+bench: ## throughput against Postfix and smtp-sink (BENCH_ARGS=...)
 	scripts/install-deps test bench
 	$(PY) bench/throughput.py $(BENCH_ARGS)
 
-bench-memory:
+bench-memory: ## the gate's memory and evictions under 50,000 IPv6 clients
 	scripts/install-deps test bench
 	$(PY) bench/ipv6_sources.py $(BENCH_ARGS)

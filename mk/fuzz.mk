@@ -7,7 +7,7 @@
 FUZZ_SECONDS ?= 60
 FUZZ_TARGETS := smtp_core parsers config
 
-fuzz: deps
+fuzz: deps ## fuzz the SMTP core, parsers and config loader (FUZZ_SECONDS=60 each)
 	@for target in $(FUZZ_TARGETS); do \
 	    mkdir -p build/fuzz/$$target; \
 	    if $(PY) tests/fuzz/fuzz_$$target.py -max_total_time=$(FUZZ_SECONDS) \
@@ -19,6 +19,6 @@ fuzz: deps
 	    fi; \
 	done
 
-test-fuzz: fuzz
+test-fuzz: fuzz ## the fuzzers, as part of make test
 
 EXTRA_TESTS += test-fuzz

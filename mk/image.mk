@@ -13,17 +13,17 @@ SEED ?= build/seed.iso
 SMTP_PORT ?= 2525
 SSH_PORT ?= 2222
 
-image-deps:
+image-deps: ## install the image build tools
 	scripts/install-deps image ansible
 
-image: image-deps wheelhouse
+image: image-deps wheelhouse ## build build/portcullis-VERSION.qcow2, .iso and SHA256SUMS
 	vm/build-image
 
-seed:
+seed: ## a seed disk: make seed CONFIG=site.yaml [SEED=build/seed.iso]
 	@test -n "$(CONFIG)" || { echo "usage: make seed CONFIG=site.yaml [SEED=$(SEED)]" >&2; exit 2; }
 	$(PY) scripts/make-seed $(CONFIG) $(SEED)
 
-run:
+run: ## boot the image in QEMU: make run BACKEND=host:port SEED=build/seed.iso
 	@test -n "$(BACKEND)" || { echo "usage: make run BACKEND=host:port SEED=$(SEED)" >&2; exit 2; }
 	@test -f $(IMAGE) || { echo "no $(IMAGE): run make image first" >&2; exit 2; }
 	@test -f $(SEED) || { echo "no seed $(SEED): make seed CONFIG=site.yaml first" >&2; exit 2; }
@@ -35,14 +35,14 @@ run:
 	vm/boot --disk $(IMAGE) --snapshot --seed $(SEED) --backend $(BACKEND) \
 		--smtp-port $(SMTP_PORT) --ssh-port $(SSH_PORT)
 
-verify: image-deps
+verify: image-deps ## boot the image and run the testinfra suite (tests/image)
 	$(PY) -m pytest -q -s tests/e2e/test_appliance.py -k "banner or hardening"
 
-box:
+box: ## a Vagrant box (libvirt) from the qcow2
 	scripts/make-box $(IMAGE) build/portcullis-$(IMAGE_VERSION)-libvirt.box
 
 # End to end: the image built from scratch, booted with a seed, in front of a real Postfix.
-test-image: image
+test-image: image ## build the image from scratch and run the end-to-end tests
 	$(PY) -m pytest -q tests/e2e
 
 EXTRA_TESTS += test-image

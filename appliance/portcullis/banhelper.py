@@ -1,26 +1,26 @@
 """The ban helper: the only Portcullis process with CAP_NET_ADMIN (the spamd model).
 
-It listens on the Unix socket `ban_socket` and accepts one kind of request, one per
-line of at most MAX_LINE bytes:
+It listens on the Unix socket `ban_socket` and accepts three requests, one per line of
+at most MAX_LINE bytes, and answers each with one status line:
 
-    ban ADDRESS SECONDS
+    ban ADDRESS SECONDS     OK banned 192.0.2.1 for 3600s
+    unban ADDRESS           OK unbanned 192.0.2.1       (also when it was not in the set)
+    list                    OK listing 2, then one line per element of both sets,
+                            "ADDRESS SECONDS-LEFT" ("-" for an element without timeout)
+    (any refusal)           ERR <reason>: <detail>     reason: syntax, too-long, address,
+                            never-ban, seconds, rate-limited, nft, busy
 
-and answers each with one status line:
-
-    OK banned 192.0.2.1 for 3600s
-    ERR <reason>: <detail>     reason: syntax, too-long, address, never-ban, seconds,
-                               rate-limited, nft, busy
-
-A request is refused unless ADDRESS is a plain IPv4 or IPv6 address that is not
+A ban is refused unless ADDRESS is a plain IPv4 or IPv6 address that is not
 loopback, unspecified or multicast, not in `allowlist` or `ban_helper.never_ban`, and
 not part of the appliance's own infrastructure, which is derived rather than
 configured: the backend servers, the LDAP and DNS servers, and every address of this
 host (a ban there would cut off the backend's replies or the admin's SSH); and SECONDS
-is an integer within ban_helper.min_seconds..max_seconds. Accepted requests pass a
-token bucket (ban_helper.rate per second, burst ban_helper.burst). The address goes
-into the set `ban_helper.set_ipv4` or `set_ipv6` of table `inet ban_helper.table`
-through `nft -f -`, as a statement built from the parsed address and integer: no
-shell, no unvalidated text.
+is an integer within ban_helper.min_seconds..max_seconds. An unban's ADDRESS is checked
+the same way, except for the never-ban rules (lifting a ban cuts nobody off). Bans and
+unbans pass a token bucket (ban_helper.rate per second, burst ban_helper.burst). The
+address goes into (or out of) the set `ban_helper.set_ipv4` or `set_ipv6` of table
+`inet ban_helper.table` through `nft -f -`, as a statement built from the parsed address
+and integer: no shell, no unvalidated text.
 
 Run as `portcullis ban-helper [--config PATH]` or `python -m portcullis.banhelper`.
 """
@@ -45,6 +45,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import config as config_module
 from .addresses import TokenBucket
@@ -61,6 +62,7 @@ ADDRESS_CHARS = re.compile(r"[0-9A-Fa-f.:]{2,45}")
 SECONDS_CHARS = re.compile(r"[0-9]{1,12}")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+SYNTAX = {"ban": "ban ADDRESS SECONDS", "unban": "unban ADDRESS", "list": "list"}
 
 
 class Refusal(Exception):
@@ -126,6 +128,13 @@ def own_addresses() -> list[IPAddress]:
             if "local" in info]
 
 
+@dataclass(frozen=True)
+class Request:
+    verb: str  # a key of SYNTAX
+    address: IPAddress | None = None
+    seconds: int = 0
+
+
 class RequestPolicy:
     """Parses and validates one request line against the configuration."""
 
@@ -139,18 +148,24 @@ class RequestPolicy:
         self.min_seconds = settings.min_seconds
         self.max_seconds = settings.max_seconds
 
-    def parse(self, line: bytes) -> tuple[IPAddress, int]:
-        """Return (address, seconds) or raise Refusal."""
+    def parse(self, line: bytes) -> Request:
+        """Return the request or raise Refusal."""
         try:
             text = line.decode("ascii").rstrip("\r\n")
         except UnicodeDecodeError:
             raise Refusal("syntax", "requests are ASCII: ban ADDRESS SECONDS") from None
-        words = text.split(" ")
-        if len(words) != 3 or words[0] != "ban":
-            raise Refusal("syntax", "expected 'ban ADDRESS SECONDS'")
-        return self._address(words[1]), self._seconds(words[2])
+        verb, *words = text.split(" ")
+        if verb not in SYNTAX:
+            raise Refusal("syntax", "expected 'ban ADDRESS SECONDS', 'unban ADDRESS' or 'list'")
+        if len(words) != len(SYNTAX[verb].split()) - 1:
+            raise Refusal("syntax", f"expected '{SYNTAX[verb]}'")
+        if verb == "list":
+            return Request(verb)
+        if verb == "unban":
+            return Request(verb, self._address(words[0], never_ban=False))
+        return Request(verb, self._address(words[0]), self._seconds(words[1]))
 
-    def _address(self, text: str) -> IPAddress:
+    def _address(self, text: str, never_ban: bool = True) -> IPAddress:
         try:
             if not ADDRESS_CHARS.fullmatch(text):
                 raise ValueError
@@ -162,6 +177,8 @@ class RequestPolicy:
         for kind in ("loopback", "unspecified", "multicast"):
             if getattr(address, f"is_{kind}"):
                 raise Refusal("address", f"{address} is {kind}, never banned")
+        if not never_ban:
+            return address
         for network in self.never_ban:
             if address in network:
                 raise Refusal("never-ban", f"{address} is in the never-ban network {network}")
@@ -191,6 +208,13 @@ def add_element_script(table: str, set_name: str, address: IPAddress, seconds: i
     return (f"add element {element}\n"
             f"delete element inet {table} {set_name} {{ {address} }}\n"
             f"add element {element}\n")
+
+
+def delete_element_script(table: str, set_name: str, address: IPAddress) -> str:
+    """nft statements that leave no element for address, whether or not there was one:
+    add (a no-op if present), then delete, in one atomic transaction."""
+    element = f"inet {table} {set_name} {{ {address} }}"
+    return f"add element {element}\ndelete element {element}\n"
 
 
 class BanHelper:
@@ -233,26 +257,57 @@ class BanHelper:
     async def request(self, line: bytes) -> str:
         """Carry out one request line; return its status line."""
         try:
-            address, seconds = self.policy.parse(line)
+            request = self.policy.parse(line)
         except Refusal as refusal:
             log.warning("refused %r: %s", line[:MAX_LINE], refusal)
             return str(refusal)
+        if request.verb == "list":
+            return await self._list()
         if not self.bucket.take(self.clock()):
-            log.warning("refused ban of %s: rate limited", address)
+            log.warning("refused %s of %s: rate limited", request.verb, request.address)
             return (f"ERR rate-limited: more than {self.settings.rate:g} bans per second "
                     f"(burst {self.settings.burst})")
-        return await self._add(address, seconds)
+        return await self._change(request)
 
-    async def _add(self, address: IPAddress, seconds: int) -> str:
-        set_name = self.settings.set_ipv4 if address.version == 4 else self.settings.set_ipv6
-        script = add_element_script(self.settings.table, set_name, address, seconds)
+    def _set_of(self, address: IPAddress) -> str:
+        return self.settings.set_ipv4 if address.version == 4 else self.settings.set_ipv6
+
+    async def _change(self, request: Request) -> str:
+        """Carry out a ban or an unban."""
+        address, table = request.address, self.settings.table
+        if request.verb == "ban":
+            script = add_element_script(table, self._set_of(address), address, request.seconds)
+            done = f"banned {address} for {request.seconds}s"
+        else:
+            script = delete_element_script(table, self._set_of(address), address)
+            done = f"unbanned {address}"
         async with self._nft_lock:
-            problem = await _run_nft(self.nft, script)
+            _, problem = await _run_nft(self.nft, "-f", "-", script=script)
         if problem:
-            log.error("nft could not ban %s: %s", address, problem)
+            log.error("nft could not %s %s: %s", request.verb, address, problem)
             return f"ERR nft: {problem}"
-        log.info("banned %s for %ss", address, seconds)
-        return f"OK banned {address} for {seconds}s"
+        log.info("%s", done)
+        return f"OK {done}"
+
+    async def _list(self) -> str:
+        """Every element of both sets, with the seconds it has left."""
+        elements = []
+        for set_name in (self.settings.set_ipv4, self.settings.set_ipv6):
+            async with self._nft_lock:
+                listing, problem = await _run_nft(self.nft, "-j", "list", "set", "inet",
+                                                  self.settings.table, set_name)
+            if problem:
+                return f"ERR nft: {problem}"
+            try:
+                items = json.loads(listing)["nftables"]
+            except (ValueError, KeyError):
+                return "ERR nft: cannot parse its listing"
+            for item in items:
+                for element in item.get("set", {}).get("elem", ()):
+                    # A plain value, or {"elem": {"val": ..., "expires": ...}} with a timeout
+                    element = element["elem"] if isinstance(element, dict) else {"val": element}
+                    elements.append(f"{element['val']} {element.get('expires', '-')}")
+        return "\n".join([f"OK listing {len(elements)}", *elements])
 
 
 async def _answer(writer: asyncio.StreamWriter, status: str, close: bool = True) -> None:
@@ -263,22 +318,22 @@ async def _answer(writer: asyncio.StreamWriter, status: str, close: bool = True)
         writer.close()
 
 
-async def _run_nft(nft: str, script: str) -> str:
-    """Run `nft -f -` with script on stdin; return '' or the first line of its error."""
+async def _run_nft(nft: str, *args: str, script: str = "") -> tuple[str, str]:
+    """Run nft with args (and script on stdin); return its output and '' or the first
+    line of its error."""
     process = await asyncio.create_subprocess_exec(
-        nft, "-f", "-", stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE)
+        nft, *args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         async with asyncio.timeout(NFT_TIMEOUT):
-            _, stderr = await process.communicate(script.encode("ascii"))
+            stdout, stderr = await process.communicate(script.encode("ascii"))
     except TimeoutError:
         process.kill()
         await process.wait()
-        return f"nft took longer than {NFT_TIMEOUT}s"
+        return "", f"nft took longer than {NFT_TIMEOUT}s"
     if process.returncode != 0:
         lines = stderr.decode("utf-8", "replace").strip().splitlines()
-        return lines[0] if lines else f"nft exited {process.returncode}"
-    return ""
+        return "", lines[0] if lines else f"nft exited {process.returncode}"
+    return stdout.decode("ascii", "replace"), ""
 
 
 def _check_sets(nft: str, settings: config_module.BanHelper) -> None:

@@ -1,4 +1,5 @@
-"""The `portcullis` command: check-config, serve, and the internal worker command."""
+"""The `portcullis` command: check-config, serve, the ban helper, the operator's commands
+(show-config, status, bans), and the internal worker command."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import logging
 import socket
 import sys
 
-from . import __version__
+from . import __version__, operator
 from . import config as configuration
 from .config import ConfigError
 
@@ -72,13 +73,40 @@ def ban_helper(args: argparse.Namespace) -> int:
     return helper_main(["--config", args.config])
 
 
+# The operator's commands (operator.py), on a running appliance: postconf, postqueue.
+
+def show_config(args: argparse.Namespace) -> int:
+    print(operator.show_config(configuration.load(args.config), args.changed_only), end="")
+    return 0
+
+
+def _operate(args: argparse.Namespace, command, *arguments) -> int:
+    return operator.run(command, configuration.load(args.config, io_checks=False), *arguments)
+
+
+def status(args: argparse.Namespace) -> int:
+    return _operate(args, operator.status)
+
+
+def bans_list(args: argparse.Namespace) -> int:
+    return _operate(args, operator.bans_list)
+
+
+def bans_add(args: argparse.Namespace) -> int:
+    return _operate(args, operator.bans_add, args.address, args.seconds)
+
+
+def bans_remove(args: argparse.Namespace) -> int:
+    return _operate(args, operator.bans_remove, args.address)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="portcullis", description="Before-queue SMTP gate")
     parser.add_argument("--version", action="version", version=f"portcullis {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    def command(name: str, function, help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text)
+    def command(name: str, function, help_text: str, group=commands) -> argparse.ArgumentParser:
+        sub = group.add_parser(name, help=help_text)
         sub.add_argument("-c", "--config", default=configuration.DEFAULT_PATH,
                          help=f"configuration file (default {configuration.DEFAULT_PATH})")
         sub.set_defaults(function=function)
@@ -87,6 +115,20 @@ def main(argv: list[str] | None = None) -> int:
     command("check-config", check_config, "validate the configuration file and exit")
     command("serve", serve, "run the gate")
     command("ban-helper", ban_helper, "run the privileged helper that feeds the nftables ban sets")
+    sub = command("show-config", show_config, "print the effective configuration as YAML")
+    sub.add_argument("-n", dest="changed_only", action="store_true",
+                     help="only the keys the file sets to other than the default")
+    command("status", status, "report on the running gate: listeners, workers, connections, "
+                              "backend, store")
+    actions = commands.add_parser("bans", help="list, add or remove bans").add_subparsers(
+        dest="action", required=True)
+    command("list", bans_list, "the bans in force, and whether the kernel set holds each",
+            actions)
+    sub = command("add", bans_add, "ban an address in the store and the kernel set", actions)
+    sub.add_argument("address")
+    sub.add_argument("seconds", type=int, nargs="?", help="default: reputation.ban_ttl")
+    sub = command("remove", bans_remove, "lift the ban on an address or a prefix", actions)
+    sub.add_argument("address", metavar="address|prefix")
     sub = command("worker", worker, argparse.SUPPRESS)
     sub.add_argument("--control-fd", type=int, required=True)
     sub.add_argument("--number", type=int, default=0)

@@ -28,6 +28,7 @@ from .admission import ConnectionTable
 from .config import Config, ConfigError
 from .firewall import BanClient
 from .metrics import Registry, Tally
+from .operator import StatusWriter
 from .policy import reputation
 from .policy.dha import DhaEngine
 
@@ -362,7 +363,9 @@ class Gate:
 
     async def _housekeeping(self) -> None:
         evictions = Tally()
+        status = StatusWriter()  # state_dir/status.json, for `portcullis status` and `bans`
         while True:
+            status.write(self)
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
             self.table.prune(time.monotonic())
             self.dha.housekeeping()

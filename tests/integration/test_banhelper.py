@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from portcullis.firewall import BanClient
+from portcullis.firewall import BanClient, BanHelperError
 
 from tests.support import netns
 
@@ -142,7 +142,10 @@ def test_an_ipv4_mapped_address_goes_into_the_ipv4_set(start_helper):
     (b"ban 192.0.2.1 -5", "ERR seconds: '-5' is not a whole number of seconds"),
     (b"ban 192.0.2.1 1e3", "ERR seconds: '1e3' is not a whole number of seconds"),
     (b"ban 192.0.2.1", "ERR syntax: expected 'ban ADDRESS SECONDS'"),
-    (b"unban 192.0.2.1 60", "ERR syntax: expected 'ban ADDRESS SECONDS'"),
+    (b"unban 192.0.2.1 60", "ERR syntax: expected 'unban ADDRESS'"),
+    (b"unban 127.0.0.1", "ERR address: 127.0.0.1 is loopback, never banned"),
+    (b"list all", "ERR syntax: expected 'list'"),
+    (b"flush", "ERR syntax: expected 'ban ADDRESS SECONDS', 'unban ADDRESS' or 'list'"),
     (b"\x00\xff garbage", "ERR syntax: requests are ASCII: ban ADDRESS SECONDS"),
 ])
 def test_invalid_requests_are_refused_with_a_clear_status(start_helper, request_line, status):
@@ -202,6 +205,35 @@ def test_a_missing_set_is_reported_per_request(start_helper):
     (answer,) = helper.ask(b"ban 2001:db8::1 60")
     assert answer.startswith("ERR nft: ")
     assert "No such file or directory" in answer
+
+
+@in_namespace
+def test_unban_takes_an_address_out_of_its_set_present_or_not(start_helper):
+    helper = start_helper()
+    helper.ask(b"ban 192.0.2.1 3600", b"ban 192.0.2.2 3600", b"ban 2001:db8::7 600")
+    assert helper.ask(b"unban 192.0.2.1", b"unban 192.0.2.1", b"unban ::ffff:192.0.2.9",
+                      b"unban 2001:db8::7", b"unban 203.0.113.5") == [
+        "OK unbanned 192.0.2.1", "OK unbanned 192.0.2.1", "OK unbanned 192.0.2.9",
+        "OK unbanned 2001:db8::7", "OK unbanned 203.0.113.5"]  # lifting never cuts anyone off
+    assert helper.elements("portcullis_ban4") == {"192.0.2.2": 3600}
+    assert helper.elements("portcullis_ban6") == {}
+
+
+@in_namespace
+def test_the_client_lists_and_unbans_through_the_helper(start_helper):
+    helper = start_helper("  rate: 0.001\n  burst: 2\n")
+    client = BanClient(helper.socket_path, timeout=5)
+    assert asyncio.run(client.elements()) == {}
+    assert asyncio.run(client.ban("192.0.2.8", 300)) is True
+    helper.namespace.run(["nft", "add", "element", "inet", "portcullis", "portcullis_ban6",
+                          "{ 2001:db8::8 }"])  # an element without timeout
+    elements = asyncio.run(client.elements())
+    assert elements.keys() == {"192.0.2.8", "2001:db8::8"}
+    assert 290 <= elements["192.0.2.8"] <= 300 and elements["2001:db8::8"] is None
+    assert asyncio.run(client.unban("192.0.2.8")) == "OK unbanned 192.0.2.8"
+    with pytest.raises(BanHelperError, match="^the ban helper refused: rate-limited: "):
+        asyncio.run(client.unban("2001:db8::8"))  # bans and unbans share the rate
+    assert asyncio.run(client.elements()) == {"2001:db8::8": None}  # a listing is not limited
 
 
 @in_namespace

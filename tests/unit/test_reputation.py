@@ -10,6 +10,7 @@ from portcullis.policy.reputation import (
     ReputationStoreError,
     SqliteStore,
     open_store,
+    read_bans,
 )
 
 T0 = 1_800_000_000.0  # a fixed wall-clock time
@@ -94,6 +95,16 @@ def test_active_bans_lists_only_unexpired_ones(store):
     assert [ban.key for ban in store.active_bans(T0 + 50)] == ["b"]
 
 
+def test_unban_lifts_a_ban_and_a_later_ban_holds_again(store):
+    store.ban("192.0.2.1", T0 + 3600, "DHA_BAN")
+    store.unban("192.0.2.1")
+    store.unban("192.0.2.9")  # no ban: nothing to do
+    assert store.ban_of("192.0.2.1", T0) is None
+    assert store.active_bans(T0) == []
+    store.ban("192.0.2.1", T0 + 60, "ADMIN_BAN")
+    assert store.ban_of("192.0.2.1", T0).until == T0 + 60
+
+
 # -- persistence -----------------------------------------------------------------------
 
 def test_bans_and_events_survive_a_restart(sqlite_store):
@@ -161,6 +172,65 @@ def test_a_later_ban_by_another_process_replaces_the_row(sqlite_store):
     worker_b.flush()
     worker_a.flush()
     assert worker_a.ban_of("k", T0 + 100).label == "SCORE_BAN"
+
+
+def test_a_removal_reaches_the_other_processes_and_outlives_a_purge(sqlite_store):
+    clock = Clock()
+    gate, worker = sqlite_store(clock), sqlite_store(clock)
+    gate.ban("192.0.2.1", T0 + 3600, "DHA_BAN")
+    gate.ban("192.0.2.2", T0 + 3600, "DHA_BAN")
+    gate.flush()
+    worker.flush()
+    assert worker.ban_of("192.0.2.1", T0) is not None
+    operator = sqlite_store(clock)  # the CLI: a short-lived process of its own
+    operator.unban("192.0.2.1")
+    operator.close()
+    clock.now = T0 + 61
+    sqlite_store(clock).flush()  # another process's first round purges what expired
+    gate.flush()
+    worker.flush()
+    assert gate.ban_of("192.0.2.1", clock.now) is None
+    assert worker.ban_of("192.0.2.1", clock.now) is None
+    assert worker.ban_of("192.0.2.2", clock.now) is not None
+
+
+def test_a_removal_is_not_loaded_after_a_restart_and_a_new_ban_replaces_it(sqlite_store,
+                                                                           tmp_path):
+    clock = Clock()
+    first = sqlite_store(clock)
+    first.ban("k", T0 + 3600, "DHA_BAN")
+    first.unban("k")
+    first.close()
+    assert sqlite_store(clock).ban_of("k", T0) is None
+    operator, other = sqlite_store(clock), sqlite_store(clock)
+    operator.ban("k", T0 + 60, "ADMIN_BAN")
+    operator.flush()
+    other.flush()
+    assert other.ban_of("k", T0).label == "ADMIN_BAN"
+    assert [(ban.key, ban.label) for ban in read_bans(str(tmp_path / DATABASE_NAME), T0)] == [
+        ("k", "ADMIN_BAN")]
+    clock.now = T0 + 1000
+    sqlite_store(clock).flush()  # expired rows and removals go, after REMOVAL_GRACE
+    with sqlite3.connect(tmp_path / DATABASE_NAME) as db:
+        assert db.execute("SELECT COUNT(*) FROM bans").fetchone() == (0,)
+
+
+def test_read_bans_lists_bans_in_force_without_removals(sqlite_store, tmp_path):
+    store = sqlite_store()
+    store.ban("192.0.2.0/24", T0 + 300, "DHA_BAN")
+    store.ban("192.0.2.1", T0 + 100, "SCORE_BAN")
+    store.ban("192.0.2.2", T0 + 10, "DHA_BAN")
+    store.ban("192.0.2.3", T0 + 200, "DHA_BAN")
+    store.unban("192.0.2.3")
+    store.flush()
+    bans = read_bans(str(tmp_path / DATABASE_NAME), T0 + 50)
+    assert [(ban.key, ban.until) for ban in bans] == [("192.0.2.1", T0 + 100),
+                                                      ("192.0.2.0/24", T0 + 300)]
+
+
+def test_read_bans_of_a_missing_store_is_a_clear_error(tmp_path):
+    with pytest.raises(ReputationStoreError, match="cannot read the reputation store"):
+        read_bans(str(tmp_path / "nothing" / DATABASE_NAME), T0)
 
 
 def test_an_unwritable_location_is_a_clear_error(tmp_path):

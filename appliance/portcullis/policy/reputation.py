@@ -11,7 +11,8 @@
 
 A fleet can share one state through a networked implementation of the same
 interface, e.g. Redis or Valkey: add_event -> ZADD key at, count_events -> ZCOUNT key
-since +inf, ban -> SET ban:key label PXAT until, with a local cache of bans for reads.
+since +inf, ban -> SET ban:key label PXAT until, unban -> DEL ban:key, with a local
+cache of bans for reads.
 
 Times are wall-clock seconds (time.time()), since they outlive the process.
 """
@@ -22,6 +23,7 @@ import bisect
 import collections
 import logging
 import os
+import pathlib
 import queue
 import secrets
 import sqlite3
@@ -38,6 +40,10 @@ log = logging.getLogger("portcullis.reputation")
 
 DATABASE_NAME = "reputation.db"
 PURGE_INTERVAL = 60.0  # seconds between deletions of expired rows
+# A lifted ban stays as a row (label UNBANNED) this long past its time, so that every
+# process reads the removal before a purge deletes it: above the largest sync_interval.
+REMOVAL_GRACE = 120.0
+UNBANNED = "UNBANNED"
 FLUSH_TIMEOUT = 10.0
 MAX_BATCH = 1000  # writes per transaction
 
@@ -67,6 +73,10 @@ class ReputationStore(ABC):
     @abstractmethod
     def ban(self, key: str, until: float, label: str) -> None:
         """Ban key until `until`; an existing longer ban is kept."""
+
+    def unban(self, key: str) -> None:
+        """Lift the ban on key, if any (an administrator's call)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot lift bans")
 
     @abstractmethod
     def ban_of(self, key: str, now: float) -> Ban | None:
@@ -126,6 +136,9 @@ class MemoryStore(ReputationStore):
         current = self._bans.get(key)
         if current is None or until > current.until:
             self._bans[key] = Ban(key, until, label)
+
+    def unban(self, key: str) -> None:
+        self._bans.pop(key, None)
 
     def ban_of(self, key: str, now: float) -> Ban | None:
         ban = self._bans.get(key)
@@ -246,6 +259,11 @@ class SqliteStore(MemoryStore):
         super().ban(key, until, label)
         self._writes.put(("ban", key, until, label))
 
+    def unban(self, key: str) -> None:
+        self._apply_inbox()
+        super().unban(key)
+        self._writes.put(("unban", key, self._clock()))
+
     def ban_of(self, key: str, now: float) -> Ban | None:
         self._apply_inbox()
         return super().ban_of(key, now)
@@ -290,6 +308,8 @@ class SqliteStore(MemoryStore):
             kind, *row = inbox.popleft()
             if kind == "ban":
                 super().ban(*row)
+            elif kind == "unban":
+                super().unban(*row)
             else:
                 super().add_event(*row)
 
@@ -335,20 +355,21 @@ class SqliteStore(MemoryStore):
     def _write(self, batch: list) -> None:
         events = [(op[1], op[2], self._writer_id) for op in batch
                   if op is not _STOP and op[0] == "event"]
-        bans = [(op[1], op[2], op[3], self._writer_id) for op in batch
-                if op is not _STOP and op[0] == "ban"]
+        bans = [op for op in batch if op is not _STOP and op[0] in ("ban", "unban")]
         if not events and not bans:
             return
+        replace = "INSERT OR REPLACE INTO bans (key, until, label, writer) VALUES (?, ?, ?, ?)"
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("INSERT INTO events (key, at, writer) VALUES (?, ?, ?)",
                                  events)
-            # Keep the longer ban; a replaced row gets a new id, so other readers see it.
-            for key, until, label, writer in bans:
+            # A replaced row gets a new id, so other readers see it. A ban keeps the
+            # longer one; a removal always replaces, with its time as `until`.
+            for kind, key, until, *label in bans:
                 row = self._db.execute("SELECT until FROM bans WHERE key = ?", (key,)).fetchone()
-                if row is None or until > row[0]:
-                    self._db.execute("INSERT OR REPLACE INTO bans (key, until, label, writer)"
-                                     " VALUES (?, ?, ?, ?)", (key, until, label, writer))
+                if kind == "unban" or row is None or until > row[0]:
+                    self._db.execute(replace, (key, until, label[0] if label else UNBANNED,
+                                               self._writer_id))
 
     def _read_others(self) -> None:
         with self._db:
@@ -356,7 +377,8 @@ class SqliteStore(MemoryStore):
             for key, until, label in self._db.execute(
                     "SELECT key, until, label FROM bans WHERE id > ? AND writer != ?",
                     (self._last_ban_id, self._writer_id)):
-                self._inbox.append(("ban", key, until, label))
+                self._inbox.append(("unban", key) if label == UNBANNED
+                                   else ("ban", key, until, label))
             for key, at in self._db.execute(
                     "SELECT key, at FROM events WHERE id > ? AND writer != ? AND at > ? AND ?",
                     (self._last_event_id, self._writer_id, self._clock() - self.retention,
@@ -368,8 +390,24 @@ class SqliteStore(MemoryStore):
         now = self._clock()
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM bans WHERE until <= ?", (now,))
+            self._db.execute("DELETE FROM bans WHERE until <= ?", (now - REMOVAL_GRACE,))
             self._db.execute("DELETE FROM events WHERE at <= ?", (now - self.retention,))
+
+
+def read_bans(path: str, now: float) -> list[Ban]:
+    """The bans in force at `now` in the SQLite store at `path`, soonest to end first,
+    read without writing anything (for the operator's commands)."""
+    uri = pathlib.Path(os.path.abspath(path)).as_uri() + "?mode=ro"
+    try:
+        db = sqlite3.connect(uri, uri=True, timeout=5.0)
+        try:
+            rows = db.execute("SELECT key, until, label FROM bans WHERE until > ? AND label != ?"
+                              " ORDER BY until", (now, UNBANNED)).fetchall()
+        finally:
+            db.close()
+    except sqlite3.Error as e:
+        raise ReputationStoreError(f"cannot read the reputation store {path}: {e}") from None
+    return [Ban(*row) for row in rows]
 
 
 def open_store(config, clock: Callable[[], float] = time.time,
