@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import socket
 import sys
 
@@ -23,11 +22,8 @@ def _event_loop_policy() -> None:
 
 
 def _setup_logging(level: str, name: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format=f"%(levelname)s {name}: %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    from .logs import setup
+    setup(level, name)  # JSON lines, to journald under systemd, else stderr
 
 
 # check-config, serve, a worker's start and a reload (gate.py, worker.py) all validate

@@ -13,6 +13,7 @@ import array
 import asyncio
 import json
 import logging
+import secrets
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from . import config as configuration
-from . import tls
+from . import logs, tls
 from .addresses import canonical
 from .admission import ConnectionTable
 from .config import Config, ConfigError
@@ -52,14 +53,17 @@ class Worker:
     active: int = 0
     ready: bool = False  # its signal handlers are installed
     # Admitted sockets waiting for room on the control socket, oldest first.
-    outbox: deque[tuple[bytes, socket.socket]] = field(default_factory=deque)
+    outbox: deque[tuple[bytes, socket.socket, Connection]] = field(default_factory=deque)
     waiting_to_write: bool = False
 
 
 @dataclass
 class Connection:
     ip: str
-    counted: bool  # counted against the per-client caps (not allowlisted)
+    port: int
+    session: str  # its id in the gate's refusal line or the worker's session line
+    started: float  # Unix time of the accept
+    counted: bool = False  # counted against the per-client caps (not allowlisted)
     worker: Worker | None = None
 
 
@@ -81,6 +85,7 @@ class Gate:
     next_id: int = 0
     generation: int = 0  # bumped by each successful reload
     stopping: bool = False
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))  # session id prefix
 
     def __post_init__(self) -> None:
         self.table = ConnectionTable(self.config)
@@ -88,6 +93,9 @@ class Gate:
         self.store = reputation.open_store(self.config, read_events=False)  # bans only
         self.bans = BanClient(self.config.ban_socket) if self.config.ban_socket else None
         self.dha = self._dha_engine(self.config)
+        self.refusals = logs.RateLimitedLines(log)  # a flood must not flood the journal
+        self.registry.worker_usage.pids = lambda: [w.process.pid for w in self.workers
+                                                   if w.process.poll() is None]
 
     def _dha_engine(self, config: Config) -> DhaEngine:
         return DhaEngine(config, self.store, self.bans.request_ban if self.bans else None)
@@ -112,11 +120,12 @@ class Gate:
 
     async def run(self) -> None:
         tls.server_context(self.config.tls, self.config.hostname)  # fail early; make the pair once
+        self.registry.certificate(tls.certificate_expiry(self.config.tls, self.config.hostname))
         self.bind()
         for number in range(self.config.workers):
             self._spawn(number)
         if self.config.metrics.listen:
-            self.registry.serve(self.config.metrics.listen)
+            await self.registry.serve(self.config.metrics.listen, self.health)
         for listener in self.listeners:
             self.loop.add_reader(listener.sock.fileno(), self._accept, listener)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -150,6 +159,7 @@ class Gate:
         if self.bans:
             await self.bans.close()
         self.store.close()
+        self.refusals.flush(force=True)
         log.info("stopped")
 
     def reload(self) -> None:
@@ -164,6 +174,7 @@ class Gate:
             log.warning("listen addresses changed; they take effect on restart")
         self.config, self.dha = new, dha
         self.table.configure(new)
+        self.registry.certificate(tls.certificate_expiry(new.tls, new.hostname))
         self.generation += 1
         for worker in self.workers:
             self._bring_up_to_date(worker)
@@ -211,8 +222,7 @@ class Gate:
                 self._bring_up_to_date(worker)
             for connection_id in report.get("done", ()):
                 self._closed(connection_id)
-            if "tally" in report:
-                self.registry.merge(report["tally"])
+            self.registry.merge(report)
 
     def _worker_died(self, worker: Worker) -> None:
         self.loop.remove_reader(worker.control.fileno())
@@ -220,14 +230,15 @@ class Gate:
             self.loop.remove_writer(worker.control.fileno())
         worker.control.close()
         while worker.outbox:
-            _, sock = worker.outbox.popleft()
-            self._refuse(sock, NO_WORKER_REPLY, "NO_WORKER")
+            _, sock, connection = worker.outbox.popleft()
+            self._refuse(sock, connection, NO_WORKER_REPLY, "NO_WORKER")
         for connection_id in [i for i, c in self.connections.items() if c.worker is worker]:
             self._closed(connection_id)
         if self.stopping:
             return
         code = worker.process.wait()
         log.error("worker %d exited with status %s; starting a new one", worker.number, code)
+        self.registry.worker_restarts.inc()
         self.loop.call_later(RESPAWN_DELAY, self._spawn, worker.number)
 
     def _pick_worker(self) -> Worker | None:
@@ -254,19 +265,20 @@ class Gate:
     def _admit(self, sock: socket.socket, ip: str, port: int) -> None:
         now = time.monotonic()
         table = self.table
+        connection_id = self.next_id
+        self.next_id += 1
         allowlisted = table.is_allowlisted(ip)
+        connection = Connection(ip, port, f"{self.run_id}-{connection_id}", time.time(),
+                                counted=not allowlisted)
         if not allowlisted:
             banned = self.dha.check_connect(ip)
             if banned.reply is not None:
-                self._refuse(sock, banned.reply.encode(), banned.label)
+                self._refuse(sock, connection, banned.reply.encode(), banned.label)
                 return
             verdict = table.judge(ip, now)
             if verdict.label:
-                self._refuse(sock, verdict.reply, verdict.label)
+                self._refuse(sock, connection, verdict.reply, verdict.label)
                 return
-        connection_id = self.next_id
-        self.next_id += 1
-        connection = Connection(ip, counted=not allowlisted)
         self.connections[connection_id] = connection
         table.opened(ip, connection.counted)
         self.registry.active.set(table.total)
@@ -275,12 +287,18 @@ class Gate:
         else:
             self._dispatch(sock, connection_id, port)
 
-    def _refuse(self, sock: socket.socket, reply: bytes, label: str) -> None:
+    def _refuse(self, sock: socket.socket, connection: Connection, reply: bytes,
+                label: str) -> None:
+        """Send the reply (if any) and close; count the label and log the refusal."""
         self.registry.reasons.labels(label).inc()
-        try:
-            sock.send(reply)
-        except OSError:
-            pass
+        self.refusals.info(label, "refused", session=connection.session, client=connection.ip,
+                           port=connection.port, start=logs.timestamp(connection.started),
+                           labels={label: 1}, reply=reply.decode("ascii", "replace").strip())
+        if reply:
+            try:
+                sock.send(reply)
+            except OSError:
+                pass
         sock.close()
 
     def _pregreet(self, sock: socket.socket, connection_id: int, port: int) -> None:
@@ -298,10 +316,9 @@ class Gate:
             self._closed(connection_id)
             if early:
                 self.table.pregreet_fail(connection.ip, time.monotonic())
-                self._refuse(sock, self.table.reply_pregreet, "PREGREET")
+                self._refuse(sock, connection, self.table.reply_pregreet, "PREGREET")
             else:
-                self.registry.reasons.labels("HANGUP").inc()
-                sock.close()
+                self._refuse(sock, connection, b"", "HANGUP")
 
         def waited() -> None:
             self.loop.remove_reader(fd)
@@ -317,16 +334,17 @@ class Gate:
         if worker is None:
             log.error("no worker is running to take a connection")
             self._closed(connection_id)
-            self._refuse(sock, NO_WORKER_REPLY, "NO_WORKER")
+            self._refuse(sock, connection, NO_WORKER_REPLY, "NO_WORKER")
             return
         header = json.dumps({
-            "id": connection_id, "ip": connection.ip, "port": port,
+            "id": connection_id, "session": connection.session, "start": connection.started,
+            "ip": connection.ip, "port": port,
             "stress": self.table.stressed, "allowlisted": not connection.counted,
             "pregreet_failed": self.table.pregreet_failed_recently(connection.ip),
         }).encode()
         connection.worker = worker
         worker.active += 1
-        worker.outbox.append((header, sock))
+        worker.outbox.append((header, sock, connection))
         if len(worker.outbox) == 1:
             self._hand_over(worker)
 
@@ -334,7 +352,7 @@ class Gate:
         """Send queued sockets to a worker; when its socket is full, wait until writable."""
         fd = worker.control.fileno()
         while worker.outbox:
-            header, sock = worker.outbox[0]
+            header, sock, _ = worker.outbox[0]
             try:
                 worker.control.sendmsg([header], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                    array.array("i", [sock.fileno()]))])
@@ -373,3 +391,16 @@ class Gate:
             evictions.evicted(self.dha.take_evictions())
             self.registry.merge(evictions.drain())
             self.registry.stress.set(1 if self.table.stressed else 0)
+            self.refusals.flush()
+
+    async def health(self) -> str:
+        """Why the gate cannot take mail now, or "" when it can (for /healthz)."""
+        if self.stopping or not self.listeners:
+            return "not listening"
+        down = [w.number for w in self.workers
+                if w.process.poll() is not None or w.control.fileno() < 0]
+        if down or not self.workers:
+            return f"workers not running: {down}"
+        if not await self.registry.backend.reachable(self.config.backend):
+            return "backend unreachable"
+        return ""

@@ -1,18 +1,38 @@
-"""Counters for Prometheus.
+"""Metrics for Prometheus, and the management endpoint that serves them.
 
-Workers count locally (`Tally`) and ship the deltas to the admission process
-every second; the admission process owns the registry and serves it on the
-management address. So one endpoint shows the whole gate, with no shared memory.
+Workers count locally (`Tally`: counters, and histograms as bucket counts) and ship
+the deltas to the admission process every second; the admission process owns the
+registry and serves it on `metrics.listen`: `/metrics`, `/healthz`, 404 otherwise.
+So one endpoint shows the whole gate, with no shared memory.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
+import os
+import time
+from bisect import bisect_left
 from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Gauge,
+    Info,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client import Counter as PromCounter
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
-from .config import HostPort
+from . import __version__
+from .config import Backend, HostPort
 
 # Tally keys: "reason:<LABEL>" for refusals and decisions, "evicted:<table>" for entries
 # a full per-client table dropped, plus these.
@@ -23,12 +43,69 @@ SESSIONS = "sessions"
 DIRECTORY_CACHE_HITS = "directory_cache_hits"
 DIRECTORY_CACHE_MISSES = "directory_cache_misses"
 
+# Every reason label the code gives (tests/unit/test_monitoring.py checks the list against
+# the source), so each portcullis_decisions_total series exists from the start.
+REASONS = (
+    # admission (gate.py, admission.py, policy/dha.py)
+    "BANNED", "CONN_CAP", "CONN_CAP_IP", "CONN_CAP_PREFIX", "CONN_RATE", "PREGREET", "HANGUP",
+    "NO_WORKER",
+    # the SMTP core: strikes and refusals
+    "LINE_TOO_LONG", "BAD_BYTES", "UNKNOWN_COMMAND", "BAD_SEQUENCE", "SYNTAX", "ADDRESS_ROUTING",
+    "BARE_LF", "SIZE", "TOO_MANY_RECIPIENTS", "TOO_MANY_COMMANDS",
+    # how a session ended
+    "IDLE_TIMEOUT", "DATA_TOO_SLOW", "SESSION_DEADLINE", "WRITE_TIMEOUT", "DISCONNECT",
+    "TLS_FAILED", "INTERNAL_ERROR",
+    # policy: recipients, DNS and HELO checks
+    "RELAY_DENIED", "UNKNOWN_RCPT", "DIRECTORY_TEMPFAIL", "FCRDNS_FAIL", "DNSBL", "DNSBL_RANK",
+    "DNSWL", "DNS_TIMEOUT", "DNS_ERROR", "HELO_SYNTAX", "HELO_NOT_FQDN", "HELO_OURS",
+    "HELO_BARE_IP", "HELO_LITERAL_MISMATCH",
+    # harvest defence and score
+    "DHA_TARPIT", "DHA_SUSPECT", "DHA_BAN", "SCORE_TARPIT", "SCORE_TEMPFAIL", "SCORE_BAN",
+    # the backend
+    "BACKEND_DOWN", "BACKEND_REFUSED", "BACKEND_SENDER_REFUSED",
+)
+# The per-client tables that count evictions (admission.py, policy/dha.py, reputation.py).
+EVICTION_TABLES = ("pregreet", "connection_rate", "harvest", "bans", "ban_pushes")
+
+
+class HistogramSpec(NamedTuple):
+    name: str
+    documentation: str
+    bounds: tuple[float, ...]
+
+
+# Tally keys of the histograms workers observe.
+SESSION_DURATION = "session_duration"
+BACKEND_REPLY = "backend_reply"
+RECIPIENT_LOOKUP = "recipient_lookup"
+HISTOGRAMS = {
+    SESSION_DURATION: HistogramSpec(
+        "portcullis_session_duration_seconds", "SMTP sessions in workers, from hand-over to close",
+        (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
+    BACKEND_REPLY: HistogramSpec(
+        "portcullis_backend_reply_seconds",
+        "Time a client's RCPT, DATA or end-of-data answer waited on the backend "
+        "(a message's first RCPT includes connecting and MAIL)",
+        (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120)),
+    RECIPIENT_LOOKUP: HistogramSpec(
+        "portcullis_recipient_lookup_seconds", "Recipient directory lookups (cached or not)",
+        (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
+         2.5, 5)),
+}
+
+PROBE_INTERVAL = 5.0  # seconds a backend probe's answer is reused
+PROBE_TIMEOUT = 3.0
+REQUEST_LIMIT = 8192  # octets of an HTTP request head
+REQUEST_TIMEOUT = 10.0
+
 
 class Tally:
-    """Counts in one process, drained as deltas."""
+    """Counts and histogram observations in one process, drained as deltas."""
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        # histogram key -> observations per bucket (the last one +Inf), then their sum
+        self.histograms: dict[str, list[float]] = {}
 
     def add(self, key: str, amount: int = 1) -> None:
         if amount:
@@ -41,45 +118,192 @@ class Tally:
         for table, amount in evictions.items():
             self.add("evicted:" + table, amount)
 
-    def drain(self) -> dict[str, int]:
-        counts = dict(self.counts)
+    def observe(self, histogram: str, seconds: float) -> None:
+        bounds = HISTOGRAMS[histogram].bounds
+        shipped = self.histograms.setdefault(histogram, [0] * (len(bounds) + 2))
+        shipped[bisect_left(bounds, seconds)] += 1
+        shipped[-1] += seconds
+
+    def drain(self) -> dict:
+        """A report of what was counted since the last drain ({} when nothing was)."""
+        report: dict = {}
+        if self.counts:
+            report["tally"] = dict(self.counts)
+        if self.histograms:
+            report["histograms"] = self.histograms
         self.counts.clear()
-        return counts
+        self.histograms = {}
+        return report
+
+
+class TimedDirectory:
+    """A recipient directory whose lookups are observed in the lookup histogram."""
+
+    def __init__(self, directory, tally: Tally):
+        self.directory = directory
+        self.tally = tally
+
+    async def lookup(self, address: str):
+        started = time.monotonic()
+        try:
+            return await self.directory.lookup(address)
+        finally:
+            self.tally.observe(RECIPIENT_LOOKUP, time.monotonic() - started)
+
+    def __getattr__(self, name: str):  # reload, close, cache counts
+        return getattr(self.directory, name)
+
+
+class MergedHistogram:
+    """A histogram summed from the bucket counts workers ship (a custom collector:
+    prometheus_client's Histogram cannot take counts)."""
+
+    def __init__(self, spec: HistogramSpec):
+        self.spec = spec
+        self.counts = [0] * (len(spec.bounds) + 1)
+        self.sum = 0.0
+
+    def merge(self, shipped: list[float]) -> None:
+        if len(shipped) != len(self.counts) + 1:
+            return  # another version's buckets
+        for index, amount in enumerate(shipped[:-1]):
+            self.counts[index] += int(amount)
+        self.sum += shipped[-1]
+
+    def collect(self):
+        cumulative = list(itertools.accumulate(self.counts))
+        buckets = [(floatToGoString(bound), count)
+                   for bound, count in zip(self.spec.bounds, cumulative, strict=False)]
+        buckets.append(("+Inf", cumulative[-1]))
+        yield HistogramMetricFamily(self.spec.name, self.spec.documentation, buckets=buckets,
+                                    sum_value=self.sum)
+
+
+class WorkerUsage:
+    """CPU and memory of the worker processes, summed (process_* is the gate's own)."""
+
+    TICKS = os.sysconf("SC_CLK_TCK")
+    PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self) -> None:
+        self.pids: Callable[[], list[int]] = list
+
+    def collect(self):
+        cpu = memory = 0.0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as stat:
+                    values = stat.read().rsplit(")", 1)[1].split()  # from field 3, state
+            except OSError:
+                continue
+            cpu += (int(values[11]) + int(values[12])) / self.TICKS  # utime, stime
+            memory += int(values[21]) * self.PAGE  # rss
+        yield CounterMetricFamily(
+            "portcullis_workers_cpu_seconds",
+            "CPU time of the running workers, summed (falls when a worker restarts)", value=cpu)
+        yield GaugeMetricFamily(
+            "portcullis_workers_resident_memory_bytes", "Resident memory of the workers, summed",
+            value=memory)
+
+
+async def backend_answers(servers: list[HostPort], timeout: float) -> bool:
+    """Whether a backend server greets with 220; the probe then says QUIT."""
+    for server in servers:
+        try:
+            async with asyncio.timeout(timeout):
+                reader, writer = await asyncio.open_connection(server.host, server.port)
+                try:
+                    line = await reader.readline()
+                    while line.startswith(b"220-"):
+                        line = await reader.readline()
+                    if line.startswith(b"220 "):
+                        writer.write(b"QUIT\r\n")
+                        await reader.readline()
+                        return True
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            continue
+    return False
+
+
+class BackendProbe:
+    """Backend reachability, probed at most every PROBE_INTERVAL seconds; whoever asks
+    meanwhile shares the last answer or the running probe. Sets portcullis_backend_up."""
+
+    def __init__(self, gauge: Gauge):
+        self.gauge = gauge
+        self.up = False
+        self._due = 0.0
+        self._running: asyncio.Future | None = None
+
+    async def reachable(self, backend: Backend) -> bool:
+        if self._running is None and time.monotonic() >= self._due:
+            self._running = asyncio.ensure_future(self._probe(backend))
+        if self._running is not None:
+            await asyncio.shield(self._running)
+        return self.up
+
+    async def _probe(self, backend: Backend) -> None:
+        try:
+            self.up = await backend_answers(backend.servers,
+                                            min(backend.connect_timeout, PROBE_TIMEOUT))
+        finally:
+            self.gauge.set(1 if self.up else 0)
+            self._due = time.monotonic() + PROBE_INTERVAL
+            self._running = None
 
 
 class Registry:
     """The Prometheus view, fed with tallies from every process."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.reasons = PromCounter(
-            "portcullis_decisions", "Refusals and policy decisions, by reason label",
-            ["reason"], registry=self.registry)
-        self.relayed = PromCounter(
-            "portcullis_messages_relayed", "Messages the backend accepted",
-            registry=self.registry)
-        self.relayed_bytes = PromCounter(
-            "portcullis_relayed_bytes", "Message bytes the backend accepted",
-            registry=self.registry)
-        self.backend_errors = PromCounter(
-            "portcullis_backend_errors", "Backend connections or replies that failed",
-            registry=self.registry)
-        self.sessions = PromCounter(
-            "portcullis_sessions", "SMTP sessions served by workers", registry=self.registry)
-        self.directory_cache_hits = PromCounter(
-            "portcullis_directory_cache_hits", "Recipient lookups answered from the cache",
-            registry=self.registry)
-        self.directory_cache_misses = PromCounter(
-            "portcullis_directory_cache_misses", "Recipient lookups that asked the directory",
-            registry=self.registry)
-        self.evictions = PromCounter(
+        disable_created_metrics()  # no *_created series
+        registry = self.registry = CollectorRegistry()
+
+        def counter(name: str, documentation: str, labels: tuple[str, ...] = ()) -> PromCounter:
+            return PromCounter(name, documentation, labels, registry=registry)
+
+        def gauge(name: str, documentation: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, documentation, labels, registry=registry)
+
+        self.reasons = counter("portcullis_decisions", "Refusals and policy decisions, by reason label",
+                               ("reason",))
+        self.relayed = counter("portcullis_messages_relayed", "Messages the backend accepted")
+        self.relayed_bytes = counter("portcullis_relayed_bytes", "Message bytes the backend accepted")
+        self.backend_errors = counter("portcullis_backend_errors",
+                                      "Backend connections or replies that failed")
+        self.sessions = counter("portcullis_sessions", "SMTP sessions served by workers")
+        self.directory_cache_hits = counter("portcullis_directory_cache_hits",
+                                            "Recipient lookups answered from the cache")
+        self.directory_cache_misses = counter("portcullis_directory_cache_misses",
+                                              "Recipient lookups that asked the directory")
+        self.evictions = counter(
             "portcullis_state_evictions",
             "Entries dropped because a per-client table was full (limits.max_tracked_clients)",
-            ["table"], registry=self.registry)
-        self.active = Gauge(
-            "portcullis_active_connections", "Connections open now", registry=self.registry)
-        self.stress = Gauge(
-            "portcullis_stress_mode", "1 while the gate is in stress mode", registry=self.registry)
+            ("table",))
+        self.worker_restarts = counter("portcullis_worker_restarts",
+                                       "Workers that exited and were started again")
+        for label in REASONS:
+            self.reasons.labels(label)
+        for table in EVICTION_TABLES:
+            self.evictions.labels(table)
+        self.active = gauge("portcullis_active_connections", "Connections open now")
+        self.stress = gauge("portcullis_stress_mode", "1 while the gate is in stress mode")
+        self.backend_up = gauge("portcullis_backend_up",
+                                "1 when a backend server answered the last probe with 220")
+        self.certificate_expiry = gauge(
+            "portcullis_tls_certificate_expiry_timestamp_seconds",
+            "When the STARTTLS certificate expires (Unix time)", ("file",))
+        Info("portcullis_build", "The running version", registry=registry).info(
+            {"version": __version__})
+        ProcessCollector(registry=registry)
+        self.worker_usage = WorkerUsage()
+        registry.register(self.worker_usage)
+        self.histograms = {key: MergedHistogram(spec) for key, spec in HISTOGRAMS.items()}
+        for histogram in self.histograms.values():
+            registry.register(histogram)
+        self.backend = BackendProbe(self.backend_up)
         self._plain = {
             RELAYED: self.relayed,
             RELAYED_BYTES: self.relayed_bytes,
@@ -89,14 +313,65 @@ class Registry:
             DIRECTORY_CACHE_MISSES: self.directory_cache_misses,
         }
 
-    def merge(self, counts: dict[str, int]) -> None:
-        for key, amount in counts.items():
+    def merge(self, report: dict) -> None:
+        """Add a Tally's drained report."""
+        for key, amount in report.get("tally", {}).items():
             if key.startswith("reason:"):
                 self.reasons.labels(key[7:]).inc(amount)
             elif key.startswith("evicted:"):
                 self.evictions.labels(key[8:]).inc(amount)
             elif key in self._plain:
                 self._plain[key].inc(amount)
+        for key, shipped in report.get("histograms", {}).items():
+            if key in self.histograms:
+                self.histograms[key].merge(shipped)
 
-    def serve(self, listen: HostPort) -> None:
-        start_http_server(listen.port, listen.host, registry=self.registry)
+    def certificate(self, found: tuple[str, float] | None) -> None:
+        """The STARTTLS certificate file and its expiry, or None with TLS off."""
+        self.certificate_expiry.clear()
+        if found:
+            self.certificate_expiry.labels(found[0]).set(found[1])
+
+    async def serve(self, listen: HostPort, health: Callable[[], Awaitable[str]]) -> None:
+        """Serve /metrics and /healthz; `health` says why the gate cannot take mail ("" if
+        it can), and refreshes the backend probe before each scrape too."""
+        host = None if listen.host == "::" else listen.host  # "::" takes IPv4 too (config.py)
+        self.server = await asyncio.start_server(
+            lambda reader, writer: self._serve(reader, writer, health),
+            host, listen.port, limit=REQUEST_LIMIT, reuse_address=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     health: Callable[[], Awaitable[str]]) -> None:
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, path = _request_line(head)
+                if method not in ("GET", "HEAD"):
+                    status, content_type, body = "405 Method Not Allowed", "text/plain", b"GET only\n"
+                elif path == "/metrics":
+                    await health()
+                    status, content_type, body = "200 OK", CONTENT_TYPE_LATEST, generate_latest(
+                        self.registry)
+                elif path == "/healthz":
+                    reason = await health()
+                    status = "503 Service Unavailable" if reason else "200 OK"
+                    content_type = "application/json"
+                    body = json.dumps({"status": "unavailable", "reason": reason} if reason
+                                      else {"status": "ok"}).encode() + b"\n"
+                else:
+                    status, content_type, body = "404 Not Found", "text/plain", b"not found\n"
+                writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\n"
+                             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                             + (body if method != "HEAD" else b""))
+                await writer.drain()
+        except (TimeoutError, ValueError, ConnectionError, asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+
+def _request_line(head: bytes) -> tuple[str, str]:
+    """Method and path (without the query) of an HTTP request head; ValueError if bad."""
+    method, target, _version = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
+    return method, target.split("?", 1)[0]

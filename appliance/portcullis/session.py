@@ -9,14 +9,14 @@ event to the right one of them, and leaves one log line. Nothing is queued here.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import ssl
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from . import metrics, smtp
+from . import logs, metrics, smtp
 from .config import Config
 from .policy import RecipientDirectory
 from .policy.chain import Client, PolicyChain
@@ -75,8 +75,11 @@ class Transaction:
 
 
 class Session:
-    def __init__(self, services: Services, connection: ByteStream, client: Client):
+    def __init__(self, services: Services, connection: ByteStream, client: Client,
+                 session_id: str = "", accepted: float | None = None):
         self.services = services
+        self.id = session_id  # the gate's, in this session's log line
+        self.accepted = accepted or time.time()  # Unix time the gate accepted the connection
         self.config = services.config
         self.connection = connection
         self.client = client
@@ -195,12 +198,12 @@ class Session:
         address = event.recipient.address
         reply, label = await self.policy.judge_recipient(address)
         if reply is None:
-            reply, label = await transaction.relay.add_recipient(address)
+            reply, label = await self._backend(transaction.relay.add_recipient(address))
         transaction.recipients.append({"to": address, "reply": reply.code, "label": label})
         self._answer(reply, label)
 
     async def _on_data_begin(self, event: smtp.DataBegin) -> None:
-        reply, label = await self.transaction.relay.start_data()
+        reply, label = await self._backend(self.transaction.relay.start_data())
         if reply.code == 354:
             self.data_started = time.monotonic()
             self.bytes_before_data = self.bytes_in
@@ -210,7 +213,7 @@ class Session:
         await self.transaction.relay.send(event.data)
 
     async def _on_data_end(self, event: smtp.DataEnd) -> None:
-        reply, label = await self.transaction.relay.finish()
+        reply, label = await self._backend(self.transaction.relay.finish())
         self.transaction.reply = str(reply)
         self._answer(reply, label)
         await self._end_transaction()
@@ -258,6 +261,13 @@ class Session:
 
     # --- bookkeeping ------------------------------------------------------------
 
+    async def _backend(self, step: Awaitable[tuple[Reply, str]]) -> tuple[Reply, str]:
+        """A relay step's answer; how long it waited goes to the backend reply histogram."""
+        started = time.monotonic()
+        answer = await step
+        self.services.tally.observe(metrics.BACKEND_REPLY, time.monotonic() - started)
+        return answer
+
     def _answer(self, reply: Reply, label: str) -> None:
         if label:
             self._reason(label)
@@ -288,17 +298,22 @@ class Session:
             self.connection.abort()
 
     def _log_line(self) -> None:
+        duration = time.monotonic() - self.started
         self.services.tally.add(metrics.SESSIONS)
+        self.services.tally.observe(metrics.SESSION_DURATION, duration)
         if not log.isEnabledFor(logging.INFO):
             return
-        log.info(json.dumps({
-            "client": self.client.ip,
-            "helo": self.helo,
-            "tls": self.core.tls_active,
-            "mail": self.transactions,
-            "labels": self.labels,
-            "score": self.policy.score.describe(),
-            "bytes": self.bytes_in,
-            "duration": round(time.monotonic() - self.started, 3),
-            "reply": str(self.core.last_reply or ""),
-        }, separators=(",", ":")))
+        log.info("session", extra=logs.fields(
+            session=self.id,
+            client=self.client.ip,
+            port=self.client.port,
+            start=logs.timestamp(self.accepted),
+            helo=self.helo,
+            tls=self.core.tls_active,
+            mail=self.transactions,
+            labels=self.labels,
+            score=self.policy.score.describe(),
+            bytes=self.bytes_in,
+            duration=round(duration, 3),
+            reply=str(self.core.last_reply or ""),
+        ))

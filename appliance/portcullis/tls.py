@@ -14,17 +14,33 @@ from .config import SELF_SIGNED_PAIR, Tls
 log = logging.getLogger("portcullis.tls")
 
 
+def _pair(tls: Tls, hostname: str) -> tuple[str, str]:
+    if tls.cert_file:
+        return tls.cert_file, tls.key_file
+    return _self_signed_pair(tls.generated_dir, hostname)
+
+
 def server_context(tls: Tls, hostname: str) -> ssl.SSLContext | None:
     if not tls.enabled:
         return None
-    cert, key = tls.cert_file, tls.key_file
-    if not cert:
-        cert, key = _self_signed_pair(tls.generated_dir, hostname)
+    cert, key = _pair(tls, hostname)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     context.load_cert_chain(cert, key)
     return context
+
+
+def certificate_expiry(tls: Tls, hostname: str) -> tuple[str, float] | None:
+    """The certificate file STARTTLS presents and its notAfter (Unix time); None with TLS off."""
+    if not tls.enabled:
+        return None
+    from cryptography import x509
+
+    cert, _ = _pair(tls, hostname)
+    with open(cert, "rb") as f:
+        certificate = x509.load_pem_x509_certificate(f.read())
+    return cert, certificate.not_valid_after_utc.timestamp()
 
 
 def _self_signed_pair(directory: str, hostname: str) -> tuple[str, str]:

@@ -13,7 +13,7 @@ from . import config as configuration
 from . import metrics, tls
 from .config import Config, ConfigError
 from .firewall import BanClient
-from .metrics import Tally
+from .metrics import Tally, TimedDirectory
 from .policy import reputation
 from .policy.dha import DhaEngine
 from .policy.dns_checks import DnsChecker
@@ -41,7 +41,7 @@ def make_services(config: Config, tally: Tally, store: reputation.ReputationStor
     """Everything a worker's sessions share; ConfigError when a part cannot be set up."""
     return Services(
         config=config,
-        recipients=recipient_directory(config),
+        recipients=TimedDirectory(recipient_directory(config), tally),
         backend=BackendPool(config.backend),
         tls=tls.server_context(config.tls, config.hostname),
         tally=tally,
@@ -131,7 +131,8 @@ class WorkerProcess:
             await self.loop.connect_accepted_socket(lambda: connection, sock)
             client = Client(info["ip"], info["port"], info["stress"], info["allowlisted"],
                             info["pregreet_failed"])
-            await Session(self.services, connection, client).run()
+            await Session(self.services, connection, client,
+                          info.get("session", str(info["id"])), info.get("start")).run()
         except Exception:  # one broken session must never take the worker down
             log.exception("session for %s failed", info.get("ip"))
             sock.close()
@@ -164,9 +165,9 @@ class WorkerProcess:
         for start in range(0, len(done), MAX_DONE_PER_REPORT):
             self.outbox.append(json.dumps({"done": done[start:start + MAX_DONE_PER_REPORT]})
                                .encode())
-        counts = self.tally.drain()
-        if counts:
-            self.outbox.append(json.dumps({"tally": counts}).encode())
+        report = self.tally.drain()  # counts and histogram buckets: bounded in size
+        if report:
+            self.outbox.append(json.dumps(report).encode())
         self._send_reports()
 
     def _send_reports(self) -> None:

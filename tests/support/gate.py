@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -90,14 +91,12 @@ class GateProcess:
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def log_lines(self) -> list[dict]:
+        """Every log line, parsed: each one is a JSON object (a stray line fails the test)."""
+        return [json.loads(line) for line in self.log_text().splitlines()]
+
     def session_lines(self) -> list[dict]:
-        import json
-        lines = []
-        for line in self.log_text().splitlines():
-            _, marker, payload = line.partition("portcullis.session: ")
-            if marker and payload.startswith("{"):
-                lines.append(json.loads(payload))
-        return lines
+        return [line for line in self.log_lines() if line["message"] == "session"]
 
     def __enter__(self) -> Self:
         return self.start()

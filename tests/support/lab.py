@@ -53,9 +53,10 @@ class Lab:
         return json.loads(result.stdout)
 
     def session_lines(self) -> list[dict]:
-        return [json.loads(line.split("portcullis.session: ", 1)[1])
-                for line in self.log_path.read_text().splitlines()
-                if "portcullis.session: {" in line]
+        # The log holds the ban helper's plain lines too, and the gate's JSON ones.
+        lines = (json.loads(line) for line in self.log_path.read_text().splitlines()
+                 if line.startswith("{"))
+        return [line for line in lines if line["message"] == "session"]
 
     def banned_in_kernel(self) -> dict:
         listed = json.loads(self.appliance.run(
