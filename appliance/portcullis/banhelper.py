@@ -383,8 +383,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"configuration file (default {config_module.DEFAULT_PATH})")
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                            format="portcullis ban-helper: %(levelname)s %(message)s")
+        from .logs import setup
+        setup("info", "ban-helper")  # JSON lines, like the gate's
     try:
         config = config_module.check_ban_helper(config_module.load(args.config, io_checks=False))
         nft = shutil.which("nft") or shutil.which("nft", path="/usr/sbin:/sbin")
