@@ -242,6 +242,9 @@ class Backend:
     command_timeout: float = _c(30.0, minimum=0.1, maximum=MAX_TIMEOUT)
     data_timeout: float = _c(120.0, minimum=0.1, maximum=MAX_TIMEOUT)
     helo: str = _c("", check=_optional_domain_name)  # empty: hostname
+    # tell the backend who the client is (forwarding.py); auto: XCLIENT, else XFORWARD,
+    # whichever it offers; xclient/xforward: required, 451 without it; off: neither
+    forward_client: str = _c("auto", choices=("auto", "xforward", "xclient", "off"))
 
 
 @dataclass

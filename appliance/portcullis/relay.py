@@ -10,6 +10,10 @@
   permanent refusals (550 user unknown) pass through.
 - A connection goes back to the pool only after a clean end: a final reply read, or
   an open transaction reset with 250. Anything else closes it.
+- The backend learns who the client is before MAIL (upstream.py, forwarding.py); a
+  refused XCLIENT or XFORWARD is a fault like a hang-up. The message goes on with the
+  gate's Received header on top, which counts toward limits.max_message_size: a
+  message that fits only without it gets 552 5.3.4, and the backend discards it.
 
 Backend fault, and what the client is told:
 
@@ -24,9 +28,12 @@ Backend fault, and what the client is told:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from . import metrics
+from .forwarding import ClientFacts
+from .smtp import replies
 from .smtp.commands import MailFrom
 from .smtp.replies import Reply
 from .upstream import BackendConnection, BackendPool, BackendUnavailable
@@ -39,11 +46,20 @@ _DATA_FAILED = BACKEND_FAILED_DATA, "BACKEND_DOWN"
 
 
 class RelayTransaction:
-    def __init__(self, pool: BackendPool, sender: MailFrom, tally: metrics.Tally):
+    def __init__(self, pool: BackendPool, sender: MailFrom, tally: metrics.Tally,
+                 client: ClientFacts | None = None, trace: bytes = b"",
+                 max_size: int | None = None):
+        """`trace`: the Received header to put on top; with it, the message may have
+        at most `max_size` octets (unstuffed, as limits.max_message_size counts)."""
         self.pool = pool
         self.sender = sender
         self.tally = tally
-        self.size = 0  # octets of message content passed on
+        self.client = client
+        self.trace = trace
+        self.max_size = max_size
+        self.size = 0  # octets of message content from the client
+        self._counted = len(trace)  # toward max_size
+        self._too_big = False
         self._connection: BackendConnection | None = None
         self._refusal: tuple[Reply, str] | None = None  # for every later RCPT and DATA
         self._open = False  # the backend has a transaction that RSET must end
@@ -55,7 +71,10 @@ class RelayTransaction:
             return self._refusal
         try:
             if self._connection is None:
-                self._connection, mail, reply = await self.pool.begin(self.sender, address)
+                sender = self.sender
+                if sender.size is not None:  # the backend gets the header too
+                    sender = dataclasses.replace(sender, size=sender.size + len(self.trace))
+                self._connection, mail, reply = await self.pool.begin(sender, address, self.client)
                 if mail.code == 421 or (mail.is_positive and mail.code != 250):
                     return self._lose(f"MAIL answered {mail}")
                 if not mail.is_positive:
@@ -79,23 +98,37 @@ class RelayTransaction:
             return self._lose(str(e))
         if reply.code == 354:
             self._in_data = True
+            await self._pass_on(self.trace)
             return reply, ""
         if reply.code == 421 or reply.is_positive:
             return self._lose(f"DATA answered {reply}")
         return reply, "BACKEND_REFUSED"
 
     async def send(self, chunk: bytes) -> None:
-        """Pass message content on; after a failure, drop it (finish() then says 451)."""
+        """Pass message content (whole, dot-stuffed lines) on; after a failure, or once
+        it is too big, drop it (finish() then says 451, or 552)."""
         self.size += len(chunk)
+        self._counted += len(chunk) - chunk.count(b"\n.") - chunk.startswith(b".")
+        if self.max_size is not None and self._counted > self.max_size and not self._too_big:
+            self._too_big = True
+            if self._connection is not None:
+                self._connection.abort()  # mid-DATA: the backend discards the message
+                self._connection = None
+            self._open = self._in_data = False
+        await self._pass_on(chunk)
+
+    async def _pass_on(self, data: bytes) -> None:
         if not self._in_data:
             return
         try:
-            await self._connection.send_data(chunk)
+            await self._connection.send_data(data)
         except BackendUnavailable as e:
             self._lose(str(e))
 
     async def finish(self) -> tuple[Reply, str]:
         """Write the final dot. The backend's answer is the client's, unless it is unsure."""
+        if self._too_big:
+            return replies.SIZE_EXCEEDED, "SIZE"
         if not self._in_data:
             return _DATA_FAILED
         self._in_data = False

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 from . import logs, metrics, smtp
 from .config import Config
+from .forwarding import ClientFacts, received_header
 from .policy import RecipientDirectory
 from .policy.chain import Client, PolicyChain
 from .policy.dha import DhaEngine
@@ -96,6 +97,7 @@ class Session:
         self.idle_timeout = (
             limits.stress_command_timeout if client.stress else limits.command_timeout)
         self.helo = ""
+        self.esmtp = False  # greeted with EHLO
         self.transaction: Transaction | None = None
         self.transactions: list[dict] = []
         self.labels: dict[str, int] = {}  # reason label -> times, in order of first use
@@ -180,6 +182,7 @@ class Session:
     async def _on_hello(self, event: smtp.Hello) -> None:
         await self._end_transaction()
         self.helo = event.name
+        self.esmtp = event.extended
         local = self.connection.get_extra_info("sockname") or ("",)
         refusal = self.policy.judge_hello(event.name, local[0])
         self.core.respond(refusal or self.core.hello_reply(event))
@@ -189,7 +192,18 @@ class Session:
         if refusal is not None:
             self.core.respond(refusal)
             return
-        relay = RelayTransaction(self.services.backend, event.sender, self.services.tally)
+        # Who the client is, for the backend and the Received header, which counts
+        # toward the size limit.
+        tls = self.connection.get_extra_info("ssl_object")
+        client = ClientFacts(self.client.ip, self.client.port, self.helo, self.esmtp,
+                             f"{tls.version()} with cipher {tls.cipher()[0]}" if tls else "")
+        trace = received_header(client, self.config.hostname, self.id)
+        limit = self.config.limits.max_message_size
+        if (event.sender.size or 0) + len(trace) > limit:
+            self._answer(replies.SIZE_EXCEEDED, "SIZE")
+            return
+        relay = RelayTransaction(self.services.backend, event.sender, self.services.tally,
+                                 client, trace, limit)
         self.transaction = Transaction(relay)
         self.core.respond(replies.SENDER_OK)
 

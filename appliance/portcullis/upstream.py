@@ -2,6 +2,12 @@
 and keep connections that ended a transaction cleanly for reuse, which halves the
 TCP work per message. Every wait has a deadline, and any failure becomes
 BackendUnavailable. What a failure means for the client is relay.py's business.
+
+Before each MAIL the backend learns who the client is (forwarding.py), XCLIENT or
+XFORWARD as backend.forward_client says, on a new connection and a pooled one alike:
+a pooled connection is re-introduced for every message, so it never carries one
+client's identity into another client's message. An answer other than XCLIENT's 220
+or XFORWARD's 250 is a fault like any other.
 """
 
 from __future__ import annotations
@@ -11,7 +17,9 @@ import logging
 import re
 import time
 
+from . import forwarding
 from .config import Backend, HostPort
+from .forwarding import ClientFacts
 from .smtp.commands import MailFrom
 from .smtp.replies import Reply
 from .stream import ByteStream
@@ -93,7 +101,7 @@ class BackendConnection:
         self.server = server
         self.stream = stream
         self.config = config
-        self.pipelining = False
+        self.extensions: dict[str, str] = {}  # EHLO keyword -> its parameters
         self.idle_since = 0.0
         self.broken = False
         self._replies = ReplyReader()
@@ -103,6 +111,10 @@ class BackendConnection:
         """Fit to carry a new transaction: open, and with nothing said out of turn."""
         return not (self.broken or self.stream.is_closing or self.stream.at_eof
                     or self._said_out_of_turn)
+
+    @property
+    def pipelining(self) -> bool:
+        return "PIPELINING" in self.extensions
 
     @property
     def _said_out_of_turn(self) -> bool:
@@ -135,6 +147,46 @@ class BackendConnection:
     async def command(self, line: str, timeout: float | None = None) -> Reply:
         self.stream.write(line.encode("ascii") + b"\r\n")
         return await self.read_reply(timeout or self.config.command_timeout)
+
+    def expect(self, reply: Reply, code: int, step: str) -> None:
+        if reply.code != code:
+            raise self._fail(f"{step} answered {reply}")
+
+    async def hello(self, name: str = "") -> None:
+        """EHLO, and the extensions it offers: with backend.helo after the banner, and
+        with the client's name after XCLIENT (the backend takes it as the HELO)."""
+        reply = await self.command(f"EHLO {name or self.config.helo}")
+        self.expect(reply, 250, "EHLO")
+        self.extensions = {}
+        for line in reply.text.split("\n")[1:]:
+            keyword, _, parameters = line.partition(" ")
+            self.extensions[keyword.upper()] = parameters.upper()
+
+    async def introduce(self, client: ClientFacts | None) -> list[str]:
+        """Tell the backend who the client of the next transaction is. XCLIENT is sent
+        here: the backend starts a new session, 220, and wants the client's EHLO or
+        HELO again (Postfix takes that name as the HELO, not XCLIENT's). XFORWARD
+        lines are returned, to be sent ahead of MAIL (pipelined when offered); the
+        backend forgets them when the transaction ends. A mode other than auto that
+        the backend does not offer is a fault: its client rules must not be bypassed."""
+        mode = self.config.forward_client
+        if client is None or mode == "off":
+            return []
+        verb = forwarding.choose(mode, self.extensions)
+        if verb is None:
+            if mode == "auto":
+                return []
+            raise self._fail(f"{mode.upper()} not offered (backend.forward_client: {mode})")
+        lines = forwarding.commands(verb, self.extensions[verb], client)
+        if verb == "XFORWARD":
+            return lines
+        for line in lines:
+            self.expect(await self.command(line), 220, "XCLIENT")
+        if client.esmtp:
+            await self.hello(client.helo)
+        else:  # HELO keeps PROTO=SMTP (EHLO would make it ESMTP); the extensions stay
+            self.expect(await self.command(f"HELO {client.helo}"), 250, "HELO")
+        return []
 
     async def send_data(self, data: bytes) -> None:
         """Write message content; wait while the backend's socket buffer is full."""
@@ -189,10 +241,7 @@ class BackendPool:
                 banner = await connection.read_reply(self.config.connect_timeout)
                 if banner.code != 220:
                     raise BackendUnavailable(f"{server}: banner {banner}")
-                hello = await connection.command(f"EHLO {self.config.helo}")
-                if hello.code != 250:
-                    raise BackendUnavailable(f"{server}: EHLO answered {hello}")
-                connection.pipelining = "PIPELINING" in hello.text.upper().split("\n")
+                await connection.hello()
                 return connection
             except BackendUnavailable as e:
                 connection.abort()
@@ -208,8 +257,10 @@ class BackendPool:
             connection.abort()
         return None
 
-    async def begin(self, sender: MailFrom, recipient: str) -> tuple[BackendConnection, Reply, Reply]:
-        """Open a transaction: MAIL FROM and the first RCPT TO, pipelined when offered.
+    async def begin(self, sender: MailFrom, recipient: str, client: ClientFacts | None = None
+                    ) -> tuple[BackendConnection, Reply, Reply]:
+        """Open a transaction for `client`: the introduction, MAIL FROM and the first
+        RCPT TO, pipelined when offered.
 
         Returns the connection with the MAIL and RCPT replies. A pooled connection
         that turns out to be dead or closing is replaced once; nothing was accepted on it.
@@ -217,26 +268,34 @@ class BackendPool:
         connection = self._take_idle()
         if connection is not None:
             try:
-                mail_reply, rcpt_reply = await self._mail_and_rcpt(connection, sender, recipient)
+                mail_reply, rcpt_reply = await self._mail_and_rcpt(
+                    connection, sender, recipient, client)
                 if mail_reply.code != 421:
                     return connection, mail_reply, rcpt_reply
             except BackendUnavailable:
                 pass
         connection = await self._connect()
-        return (connection, *await self._mail_and_rcpt(connection, sender, recipient))
+        return (connection, *await self._mail_and_rcpt(connection, sender, recipient, client))
 
     async def _mail_and_rcpt(self, connection: BackendConnection, sender: MailFrom,
-                             recipient: str) -> tuple[Reply, Reply]:
+                             recipient: str, client: ClientFacts | None) -> tuple[Reply, Reply]:
+        forward = await connection.introduce(client)
         mail = f"MAIL FROM:<{sender.address}>"
         if sender.size is not None:
             mail += f" SIZE={sender.size}"
         if sender.body:
             mail += f" BODY={sender.body}"
+        timeout = self.config.command_timeout
         if connection.pipelining:
-            connection.write(f"{mail}\r\nRCPT TO:<{recipient}>\r\n".encode("ascii"))
-            mail_reply = await connection.read_reply(self.config.command_timeout)
-            rcpt_reply = await connection.read_reply(self.config.command_timeout)
+            connection.write("".join(f"{line}\r\n" for line in [*forward, mail,
+                                     f"RCPT TO:<{recipient}>"]).encode("ascii"))
+            for _ in forward:
+                connection.expect(await connection.read_reply(timeout), 250, "XFORWARD")
+            mail_reply = await connection.read_reply(timeout)
+            rcpt_reply = await connection.read_reply(timeout)
             return mail_reply, rcpt_reply
+        for line in forward:
+            connection.expect(await connection.command(line), 250, "XFORWARD")
         mail_reply = await connection.command(mail)
         if not mail_reply.is_positive:
             return mail_reply, mail_reply

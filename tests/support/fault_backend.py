@@ -12,11 +12,17 @@ A fault is planned for one step of the protocol and used once:
 
 Steps: banner, ehlo, mail, rcpt (any), rcpt:N (the N-th in a transaction), data,
 chunk:N (the N-th line of the message: the fault's reply, then a hang-up; "chunk" is
-the first), end (the final dot), rset, quit. A fault
+the first), end (the final dot), rset, quit, and xforward and xclient for a backend
+made with `extensions=` offering them. A fault
 planned with `sender=` applies only to that sender's transaction, so that clients
 running side by side each meet their own faults.
 Fault kinds: reply (any code), hangup, stall (never answer), late (answer after a
 delay), malformed, overlong (a 2,000-octet line), lines (an N-line reply).
+
+`extensions` adds EHLO lines, such as "XFORWARD NAME ADDR PORT PROTO HELO"; an offered
+XFORWARD is answered 250 and an offered XCLIENT 220 (a new session), and each delivery
+records the lines that introduced its client (`forward`), and the gate's Received
+header (`trace`) apart from the client's bytes (`data`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Self
 
@@ -80,8 +87,10 @@ class Delivery:
 
     sender: str
     recipients: list[str]
-    data: bytes  # as received: dot-stuffed, CRLF line endings, without the final dot
+    data: bytes  # as received after `trace`: dot-stuffed, CRLF endings, without the final dot
     connection: int
+    trace: bytes = b""  # the gate's Received header on top of the message, if any
+    forward: list[str] = field(default_factory=list)  # XFORWARD/XCLIENT lines before MAIL
 
 
 @dataclass
@@ -96,9 +105,12 @@ class _Hangup(Exception):
 
 
 class FaultBackend:
-    def __init__(self, users: set[str] | None = None, host: str = "127.0.0.1"):
+    def __init__(self, users: set[str] | None = None, host: str = "127.0.0.1",
+                 extensions: Sequence[str] = ()):
         self.host, self.port = host, free_port(host)
         self.users = users  # accepted recipients; None accepts all
+        self.ehlo = (*PIPELINING_EHLO, *extensions)
+        self.offered = {line.split()[0].upper() for line in extensions}
         self.deliveries: list[Delivery] = []
         self.connections = 0
         self.fired: list[tuple[str, str, Fault]] = []  # (sender, step, fault) as used
@@ -181,15 +193,25 @@ class FaultBackend:
 
     async def _session(self, reader, writer, number: int) -> None:
         transaction: _Transaction | None = None
+        forward: list[str] = []  # the XFORWARD/XCLIENT lines since the last transaction
         while True:
             line = await reader.readline()
             if not line:
                 return
             command = line.decode("utf-8", "replace").rstrip("\r\n")
             verb = command[:4].upper()
-            if verb == "EHLO":
+            extension = command.split(" ", 1)[0].upper()
+            if extension in self.offered:
+                fault = self._take(None, extension.lower())
+                if _accepts(fault, "250"):
+                    forward.append(command)
+                if extension == "XCLIENT":
+                    transaction = None  # the session starts afresh
+                await self._answer(writer, fault, "220 backend.test ESMTP"
+                                   if extension == "XCLIENT" else "250 2.0.0 Ok")
+            elif verb == "EHLO":
                 await self._answer(writer, self._take(None, "ehlo"), "250-" + "\r\n250-".join(
-                    PIPELINING_EHLO[:-1]) + "\r\n250 " + PIPELINING_EHLO[-1])
+                    self.ehlo[:-1]) + "\r\n250 " + self.ehlo[-1])
             elif verb == "HELO":
                 await self._answer(writer, self._take(None, "ehlo"), "250 backend.test")
             elif verb == "MAIL":
@@ -221,14 +243,16 @@ class FaultBackend:
                 data = await self._message(reader, writer, transaction)
                 fault = self._take(transaction, "end")
                 if _accepts(fault, "250"):
+                    trace, data = _split_trace(data)
                     with self._lock:
                         self.deliveries.append(Delivery(
-                            transaction.sender, transaction.recipients, data, number))
-                transaction = None
+                            transaction.sender, transaction.recipients, data, number,
+                            trace, forward))
+                transaction, forward = None, []
                 await self._answer(writer, fault, "250 2.0.0 Ok: queued")
             elif verb == "RSET":
                 fault = self._take(transaction, "rset")
-                transaction = None
+                transaction, forward = None, []
                 await self._answer(writer, fault, "250 2.0.0 Ok")
             elif verb == "QUIT":
                 await self._answer(writer, self._take(None, "quit"), "221 2.0.0 Bye")
@@ -290,6 +314,16 @@ def _accepts(fault: Fault | None, normal: str) -> bool:
     if fault.kind in ("reply", "late"):
         return (fault.text or normal).startswith(("2", "3"))
     return False
+
+
+def _split_trace(data: bytes) -> tuple[bytes, bytes]:
+    """The gate's Received header on top of `data`, and the rest."""
+    if not data.startswith(b"Received: "):
+        return b"", data
+    end = data.find(b"\r\n") + 2
+    while data[end:end + 1] in (b" ", b"\t"):
+        end = data.find(b"\r\n", end) + 2
+    return (data[:end], data[end:]) if b"(Portcullis)" in data[:end] else (b"", data)
 
 
 def _path(command: str) -> str:

@@ -267,11 +267,16 @@ class PostfixBackend(PostfixInstance):
 
     Listed users get their mail in a Maildir; unknown users are refused with 550.
     Clients from loopback may relay (mynetworks), as the gate does.
+
+    Options, off by default: `xforward_hosts` and `xclient_hosts` (networks offered
+    XFORWARD and XCLIENT, smtpd_authorized_*_hosts), and `client_access`, a cidr table
+    of client networks and actions (check_client_access in smtpd_client_restrictions).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None,
                  domain: str = "example.test", users=("alice", "bob", "carol"),
-                 run_in: Sequence[str] = ()):
+                 run_in: Sequence[str] = (), xforward_hosts: str = "", xclient_hosts: str = "",
+                 client_access: dict[str, str] | None = None):
         self.host, self.port = host, port or free_port(host)
         self.domain, self.users = domain, tuple(users)
         listen = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
@@ -296,6 +301,13 @@ class PostfixBackend(PostfixInstance):
             "local_header_rewrite_clients": "",
             **dict.fromkeys(_MODE_KEYS, ""),
         })
+        if xforward_hosts or xclient_hosts:
+            self.postconf({"smtpd_authorized_xforward_hosts": xforward_hosts,
+                           "smtpd_authorized_xclient_hosts": xclient_hosts})
+        if client_access:
+            table = self.config_dir / "client_access.cidr"
+            table.write_text("".join(f"{net} {action}\n" for net, action in client_access.items()))
+            self.postconf({"smtpd_client_restrictions": f"check_client_access cidr:{table}"})
         self.mode = "normal"
 
     @property
@@ -385,8 +397,10 @@ class PostfixBackend(PostfixInstance):
 def as_sent(delivered: bytes, backend_hostname: str = "backend.test") -> bytes:
     """The message as its client sent it: drop what Postfix put on top, restore CRLF.
 
-    Removes the leading Return-Path, Delivered-To and X-Original-To headers and the one
-    Received header the backend added ("by backend.test"), then turns LF into CRLF.
+    Removes the leading Return-Path, Delivered-To and X-Original-To headers, the one
+    Received header the backend added ("by backend.test") and, right below it, the
+    gate's ("(Portcullis)") when the message came through a gate; then turns LF into
+    CRLF.
     """
     header_end = delivered.find(b"\n\n")
     head = delivered if header_end < 0 else delivered[:header_end + 1]
@@ -397,7 +411,7 @@ def as_sent(delivered: bytes, backend_hostname: str = "backend.test") -> bytes:
         else:
             fields.append(line)
     stripped = 0
-    for field in fields:
+    for number, field in enumerate(fields):
         lowered = field.lower()
         ours = lowered.startswith(_PREPENDED) or (
             lowered.startswith(b"received:") and f"by {backend_hostname} (postfix)".encode()
@@ -405,8 +419,11 @@ def as_sent(delivered: bytes, backend_hostname: str = "backend.test") -> bytes:
         if not ours:
             break
         stripped += len(field)
-        if lowered.startswith(b"received:"):
-            break  # only the backend's own Received, never the ones before it
+        if lowered.startswith(b"received:"):  # only the backend's own, and the gate's
+            following = fields[number + 1] if number + 1 < len(fields) else b""
+            if following.startswith(b"Received: ") and b"(Portcullis)" in following:
+                stripped += len(following)
+            break
     return delivered[stripped:].replace(b"\n", b"\r\n")
 
 
