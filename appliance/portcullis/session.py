@@ -196,7 +196,8 @@ class Session:
         # toward the size limit.
         tls = self.connection.get_extra_info("ssl_object")
         client = ClientFacts(self.client.ip, self.client.port, self.helo, self.esmtp,
-                             f"{tls.version()} with cipher {tls.cipher()[0]}" if tls else "")
+                             f"{tls.version()} with cipher {tls.cipher()[0]}" if tls else "",
+                             self.policy.client_name)
         trace = received_header(client, self.config.hostname, self.id)
         limit = self.config.limits.max_message_size
         if (event.sender.size or 0) + len(trace) > limit:

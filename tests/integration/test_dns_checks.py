@@ -75,7 +75,7 @@ def lists_only(server: DnsServer, sites, **dnsbl) -> DnsChecks:
 
 
 def check(checks: DnsChecks, client_ip: str):
-    return asyncio.run(DnsChecker(checks).check_client(client_ip))
+    return asyncio.run(DnsChecker(checks).check_client(client_ip)).findings
 
 
 def labels(findings) -> list[tuple[str, Action]]:
@@ -90,6 +90,15 @@ def labels(findings) -> list[tuple[str, Action]]:
 ])
 def test_fcrdns_passes(dns_server, client_ip):
     assert check(settings(dns_server), client_ip) == []
+
+
+@pytest.mark.parametrize("client_ip, name", [
+    ("192.0.2.10", "mail.good.test"), ("192.0.2.14", "b.multi.test"), ("192.0.2.11", ""),
+])
+def test_the_verified_name_is_the_ptr_name_that_resolves_back(dns_server, client_ip, name):
+    # It goes to the backend (XCLIENT NAME) and into the Received header.
+    checks = asyncio.run(DnsChecker(settings(dns_server)).check_client(client_ip))
+    assert checks.name == name
 
 
 @pytest.mark.parametrize("client_ip, detail", [

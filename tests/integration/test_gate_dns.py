@@ -55,7 +55,9 @@ def line_of(lab, source: str) -> dict:
 
 def test_client_with_confirmed_reverse_dns_delivers(dns_lab):
     assert send(dns_lab, GOOD) == [250, 250, 250, 250]
-    assert dns_lab.backend.wait_for("alice")
+    message = dns_lab.backend.wait_for("alice")[-1]
+    # The verified name is in the gate's trace header (and goes to the backend as NAME).
+    assert b"from mail.good.test (mail.good.test [11.0.0.2])" in message
     assert "FCRDNS_FAIL" not in line_of(dns_lab, GOOD)["labels"]
 
 

@@ -102,7 +102,7 @@ def test_reversed_labels():
 def test_checks_that_are_off_make_no_query():
     settings = DnsChecks(nameservers=[HostPort("127.0.0.1", 9)])
     settings.fcrdns.action = "off"  # and no DNS lists configured
-    assert asyncio.run(DnsChecker(settings).check_client("192.0.2.1")) == []
+    assert asyncio.run(DnsChecker(settings).check_client("192.0.2.1")).findings == []
 
 
 def test_strongest_action():

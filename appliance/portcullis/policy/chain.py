@@ -72,6 +72,7 @@ class PolicyChain:
         if not client.allowlisted and ipaddress.ip_address(client.ip).is_global:
             self._client_checks = asyncio.ensure_future(dns.check_client(client.ip))
         self._client_refusal: tuple[Reply, str] | None = None  # for every RCPT
+        self.client_name = ""  # forward-confirmed reverse DNS name, known after judge_mail
 
     def close(self) -> None:
         if self._client_checks is not None:
@@ -95,7 +96,8 @@ class PolicyChain:
         """The connection checks, awaited at the first MAIL; a refusal applies at RCPT."""
         if self._client_checks is None:
             return None
-        findings, self._client_checks = await self._client_checks, None
+        checks, self._client_checks = await self._client_checks, None
+        findings, self.client_name = checks.findings, checks.name
         action, closing = self._weigh(findings)
         if closing is not None:
             return closing

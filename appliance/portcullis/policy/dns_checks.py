@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
@@ -58,6 +59,17 @@ def make_resolver(settings: DnsChecks) -> dns.asyncresolver.Resolver:
     return resolver
 
 
+@dataclass(frozen=True)
+class ClientChecks:
+    findings: list[Finding]
+    name: str = ""  # the forward-confirmed reverse name, "" when there is none
+
+
+async def _off(result):
+    """What a check that is off finds, as an awaitable."""
+    return result
+
+
 class DnsChecker:
     """The client checks of one configuration. Reuse it for every connection."""
 
@@ -68,16 +80,16 @@ class DnsChecker:
         self._dnsbl_action = Action.configured(settings.dnsbl.action)
         self._zones = sorted({site.zone for site in settings.dnsbl.sites})
 
-    async def check_client(self, client_ip: str) -> list[Finding]:
-        """Run FCrDNS and the DNS lists concurrently; their findings, in that order."""
+    async def check_client(self, client_ip: str) -> ClientChecks:
+        """Run FCrDNS and the DNS lists concurrently: their findings, in that order, and
+        the client's verified name."""
         address = normalized_address(client_ip)
-        checks = []
-        if self._fcrdns_action is not None:
-            checks.append(self.check_fcrdns(address))
-        if self._dnsbl_action is not None and self._zones:
-            checks.append(self.check_dns_lists(address))
-        results = await asyncio.gather(*checks)
-        return [finding for findings in results for finding in findings]
+        fcrdns = self.check_fcrdns(address) if self._fcrdns_action is not None else None
+        dns_lists = (self.check_dns_lists(address)
+                     if self._dnsbl_action is not None and self._zones else None)
+        (name, fcrdns_findings), list_findings = await asyncio.gather(
+            fcrdns or _off(("", [])), dns_lists or _off([]))
+        return ClientChecks(fcrdns_findings + list_findings, name)
 
     def check_helo(self, helo: str, client_ip: str, own_names: Iterable[str],
                    own_addrs: Iterable[str]) -> list[Finding]:
@@ -85,7 +97,8 @@ class DnsChecker:
 
     # --- forward-confirmed reverse DNS ---------------------------------------------
 
-    async def check_fcrdns(self, address: IPAddress) -> list[Finding]:
+    async def check_fcrdns(self, address: IPAddress) -> tuple[str, list[Finding]]:
+        """The PTR name that resolves back to the address ("" if none), and findings."""
         timeout = self.settings.fcrdns.timeout
         record = "A" if address.version == 4 else "AAAA"
         try:
@@ -95,18 +108,20 @@ class DnsChecker:
                 answers = await asyncio.gather(*(self._addresses(name, record, timeout)
                                                  for name in names))
         except TimeoutError:
-            return [Unresolved("DNS_TIMEOUT", f"no answer within {timeout:g}s").finding("fcrdns")]
+            return "", [Unresolved("DNS_TIMEOUT",
+                                   f"no answer within {timeout:g}s").finding("fcrdns")]
         except Unresolved as unresolved:
-            return [unresolved.finding("fcrdns")]
+            return "", [unresolved.finding("fcrdns")]
         if not names:
-            return self._fcrdns_fail(f"no PTR record for {address}")
-        if any(address in answer for answer in answers if isinstance(answer, list)):
-            return []
+            return "", self._fcrdns_fail(f"no PTR record for {address}")
+        for name, answer in zip(names, answers, strict=True):
+            if isinstance(answer, list) and address in answer:
+                return name.rstrip(".").lower(), []
         unresolved = [answer for answer in answers if isinstance(answer, Unresolved)]
         if unresolved:  # the name that would have confirmed it may be the one that failed
-            return [unresolved[0].finding("fcrdns")]
-        return self._fcrdns_fail(f"{', '.join(names)} (PTR of {address}) "
-                                 f"do{'es' if len(names) == 1 else ''} not resolve back to it")
+            return "", [unresolved[0].finding("fcrdns")]
+        return "", self._fcrdns_fail(f"{', '.join(names)} (PTR of {address}) "
+                                     f"do{'es' if len(names) == 1 else ''} not resolve back to it")
 
     def _fcrdns_fail(self, detail: str) -> list[Finding]:
         return [Finding("FCRDNS_FAIL", self._fcrdns_action, Signal.NO_REVERSE_DNS, detail)]
