@@ -546,6 +546,8 @@ def loads(text: str | bytes, path: str = "<config>") -> Config:
     anchors relative paths."""
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except RecursionError:  # the parser recurses per level of nesting
+        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -636,6 +638,8 @@ def _plain_value(node: yaml.Node, path: str, dotted: str):
     """The node as a plain Python value, as yaml.safe_load would make it."""
     try:
         return yaml.constructor.SafeConstructor().construct_object(node, deep=True)
+    except RecursionError:
+        raise _error(path, node, dotted, "nested too deeply") from None
     except yaml.YAMLError as e:
         problem = getattr(e, "problem", None) or "not a plain YAML value"
         raise _error(path, node, dotted, problem) from None

@@ -44,6 +44,16 @@ def test_errors_name_key_and_line(text, message):
     assert str(error.value).startswith("site.yaml")
 
 
+@pytest.mark.parametrize("text", [
+    "[" * 2000,  # found by fuzzing: the YAML parser recursed until Python stopped it
+    "relay_domains: " + "[" * 2000 + "]" * 2000 + "\n",
+    "a: &x " + "{b: " * 2000 + "1" + "}" * 2000 + "\n",
+], ids=["unclosed", "in a key", "mappings"])
+def test_deeply_nested_yaml_is_a_clear_error(text):
+    with pytest.raises(ConfigError, match="site.yaml: nested too deeply"):
+        config.loads(text, "site.yaml")
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read"):
         config.load(str(tmp_path / "absent.yaml"))
