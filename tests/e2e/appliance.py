@@ -47,7 +47,8 @@ def read_banner(port: int, timeout: float = 10.0) -> bytes:
 
 class Appliance:
     def __init__(self, workdir: Path, *, disk: Path | None = None, iso: Path | None = None,
-                 seed: Path | None = None, backend: str | None = None, uefi: bool = False):
+                 seed: Path | None = None, backend: str | None = None, uefi: bool = False,
+                 data: Path | None = None):
         self.workdir = workdir
         self.serial_log = workdir / "console.log"
         self.smtp_port, self.ssh_port = free_port(), free_port()
@@ -63,6 +64,8 @@ class Appliance:
             argv += ["--backend", backend]
         if uefi:
             argv.append("--uefi")
+        if data:  # the data disk (PORTCULLIS-DATA): written through, even with --snapshot
+            argv += ["--data", str(data)]
         self.argv = argv
         self.process: subprocess.Popen | None = None
         self.started_at = 0.0
@@ -152,6 +155,40 @@ class Appliance:
         """The gate's banner as a client on the box itself sees it (lo is never banned)."""
         return self.ssh("python3 -c \"import socket; s = socket.create_connection(('127.0.0.1', 25), "
                         "timeout=30); s.settimeout(30); print(s.recv(512).decode())\"").strip()
+
+    def wait_for_local_banner(self, timeout: float) -> float:
+        """Seconds since start when the gate first answered on the box itself: the way to
+        wait for a boot when the host's address (the only client) is banned."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self._check_alive()
+            try:
+                if self.local_banner().startswith("220"):
+                    return time.monotonic() - self.started_at
+            except (RuntimeError, subprocess.TimeoutExpired):
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the gate did not answer on the box within {timeout} s; "
+                                   f"console tail:\n{self.console()[-3000:]}")
+            time.sleep(3)
+
+    def tls_fingerprint(self) -> str:
+        """SHA-256 of the certificate STARTTLS presents, as a client on the box sees it."""
+        return self.ssh("python3 -c \"import hashlib, smtplib, ssl; "
+                        "s = smtplib.SMTP('127.0.0.1', 25, local_hostname='probe.example.test', "
+                        "timeout=60); s.starttls(context=ssl._create_unverified_context()); "
+                        "print(hashlib.sha256(s.sock.getpeercert(True)).hexdigest()); s.quit()\"").strip()
+
+    def power_off(self, timeout: float = 180) -> float:
+        """Shut the guest down cleanly (QEMU exits with it); seconds it took."""
+        started = time.monotonic()
+        self.ssh("sudo systemctl poweroff", check=False, timeout=30)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the guest did not power off within {timeout} s; console tail:\n"
+                               f"{self.console()[-3000:]}") from None
+        return time.monotonic() - started
 
     def reboot(self, timeout: float) -> float:
         """Reboot the guest (QEMU stays: --snapshot writes survive); seconds until the

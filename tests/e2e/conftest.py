@@ -88,6 +88,13 @@ def make_seed(directory: Path, config_text: str, checked: bool = True) -> Path:
     return seed
 
 
+def make_data_disk(path: Path) -> Path:
+    """A data disk made the way administrators make one: `make data-disk DATA=path`."""
+    subprocess.run(["make", "-s", "-C", str(TOP), "data-disk", f"DATA={path}"],
+                   check=True, capture_output=True, text=True)
+    return path
+
+
 @pytest.fixture(scope="session")
 def seed(tmp_path_factory):
     return make_seed(tmp_path_factory.mktemp("seed"), gate_config())
@@ -106,10 +113,12 @@ def boot_figures():
 
 @pytest.fixture(scope="module")
 def appliance(tmp_path_factory, backend, seed, boot_figures):
-    """The qcow2 booted once per module, with the seed, in front of the backend."""
+    """The qcow2 booted once per module, with the seed and a new data disk (as deployed),
+    in front of the backend."""
     require_tools()
     disk = built("qcow2")
-    with Appliance(tmp_path_factory.mktemp("appliance"), disk=disk, seed=seed,
+    workdir = tmp_path_factory.mktemp("appliance")
+    with Appliance(workdir, disk=disk, seed=seed, data=make_data_disk(workdir / "data.img"),
                    backend=f"{backend.host}:{backend.port}") as box:
         boot_figures["qcow2 boot to banner"] = box.wait_for_banner(BOOT_TIMEOUT)
         yield box

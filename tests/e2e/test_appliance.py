@@ -3,6 +3,8 @@
 The tests run in file order on one booted appliance: mail first, then the DHA burst
 that bans the client address (10.0.2.2, the only one QEMU's user network gives), then
 the reboot that must keep the configuration and the ban, checked from the box itself.
+The ban and the generated TLS pair outlive the reboot on the data disk the fixture
+attaches (test_state.py: across a power-off, the boot medium and an upgrade).
 """
 
 from __future__ import annotations
@@ -108,11 +110,14 @@ def test_dha_burst_refused_at_rcpt_without_any_ndr(appliance, backend):
 
 def test_config_and_ban_survive_a_reboot(appliance, boot_figures):
     seeded = appliance.ssh("sudo cat /etc/portcullis/portcullis.yaml")
+    certificate = appliance.tls_fingerprint()  # the pair the gate made, on the data disk
     boot_figures["reboot until the gate answers"] = appliance.reboot(BOOT_TIMEOUT)
     assert appliance.local_banner().startswith(f"220 {GATE_HOSTNAME}")
     assert appliance.ssh("sudo cat /etc/portcullis/portcullis.yaml") == seeded
     assert "10.0.2.2" in appliance.ssh("sudo nft list set inet portcullis portcullis_ban4"), \
         "the ban did not survive the reboot"
+    assert appliance.ssh("findmnt -n -o FSTYPE /var/lib/portcullis").strip() == "ext4"
+    assert appliance.tls_fingerprint() == certificate
     assert not read_banner(appliance.smtp_port, timeout=10).startswith(b"220")
 
 
