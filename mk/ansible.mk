@@ -1,6 +1,6 @@
 # Ansible roles (ansible/): wheels for the box, lint, and the molecule scenario that
 # converges site.yml in a chroot and verifies the booted result with testinfra.
-.PHONY: ansible-deps wheelhouse lint-ansible test-ansible lynis-ansible
+.PHONY: ansible-deps wheelhouse lint-ansible test-ansible lynis-ansible test-ansible-host
 
 ANSIBLE_DIR := ansible
 WHEELHOUSE := build/wheelhouse
@@ -28,3 +28,9 @@ lynis-ansible: ansible-deps wheelhouse ## test-ansible with the Lynis audit of t
 
 lint: lint-ansible
 EXTRA_TESTS += test-ansible
+
+# host.yml (the gate, its firewall table and the DoS sysctls on an existing Debian 12
+# host) on a plain Debian 12 VM: molecule scenario molecule/host, then the testinfra
+# checks marked `host`.
+test-ansible-host: ansible-deps wheelhouse ## molecule: host.yml on a plain Debian 12 VM, then the host checks
+	cd $(ANSIBLE_DIR) && molecule test -s host

@@ -12,6 +12,7 @@ def test_sensitive_file_permissions(host, entry):
     assert (f.user, f.group, f.mode) == (entry["owner"], entry["group"], int(entry["mode"], 8))
 
 
+@pytest.mark.host
 def test_gate_configuration_readable_by_its_group_only(host, portcullis):
     directory = host.file(portcullis["portcullis_config_dir"])
     assert (directory.user, directory.group, directory.mode) == ("root", "portcullis", 0o750)

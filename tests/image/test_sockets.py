@@ -1,5 +1,6 @@
 """Only SMTP listens publicly; SSH (and metrics) only on the management address."""
 
+import pytest
 import yaml
 
 
@@ -56,3 +57,9 @@ def test_tcp_listeners(host):
 def test_udp_listeners_only_dhcp_client(host):
     # systemd-networkd's DHCP client is the only UDP socket bound to a port.
     assert {port for _, port in listeners(host, "udp")} <= {68}
+
+
+@pytest.mark.host
+def test_gate_listens_where_configured(host):
+    """The gate's SMTP and metrics listeners are up (on a host, beside the host's own)."""
+    assert gate_listen(host) | metrics_listen(host) <= listeners(host, "tcp")
