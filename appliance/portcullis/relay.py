@@ -12,8 +12,7 @@
   an open transaction reset with 250. Anything else closes it.
 - The backend learns who the client is before MAIL (upstream.py, forwarding.py); a
   refused XCLIENT or XFORWARD is a fault like a hang-up. The message goes on with the
-  gate's Received header on top, which counts toward limits.max_message_size: a
-  message that fits only without it gets 552 5.3.4, and the backend discards it.
+  gate's Received header on top (the SMTP core counts it toward the size limit).
 
 Backend fault, and what the client is told:
 
@@ -33,7 +32,6 @@ import logging
 
 from . import metrics
 from .forwarding import ClientFacts
-from .smtp import replies
 from .smtp.commands import MailFrom
 from .smtp.replies import Reply
 from .upstream import BackendConnection, BackendPool, BackendUnavailable
@@ -47,19 +45,14 @@ _DATA_FAILED = BACKEND_FAILED_DATA, "BACKEND_DOWN"
 
 class RelayTransaction:
     def __init__(self, pool: BackendPool, sender: MailFrom, tally: metrics.Tally,
-                 client: ClientFacts | None = None, trace: bytes = b"",
-                 max_size: int | None = None):
-        """`trace`: the Received header to put on top; with it, the message may have
-        at most `max_size` octets (unstuffed, as limits.max_message_size counts)."""
+                 client: ClientFacts | None = None, trace: bytes = b""):
+        """`trace`: the Received header to put on top of the message."""
         self.pool = pool
         self.sender = sender
         self.tally = tally
         self.client = client
         self.trace = trace
-        self.max_size = max_size
         self.size = 0  # octets of message content from the client
-        self._counted = len(trace)  # toward max_size
-        self._too_big = False
         self._connection: BackendConnection | None = None
         self._refusal: tuple[Reply, str] | None = None  # for every later RCPT and DATA
         self._open = False  # the backend has a transaction that RSET must end
@@ -105,16 +98,8 @@ class RelayTransaction:
         return reply, "BACKEND_REFUSED"
 
     async def send(self, chunk: bytes) -> None:
-        """Pass message content (whole, dot-stuffed lines) on; after a failure, or once
-        it is too big, drop it (finish() then says 451, or 552)."""
+        """Pass message content on; after a failure, drop it (finish() then says 451)."""
         self.size += len(chunk)
-        self._counted += len(chunk) - chunk.count(b"\n.") - chunk.startswith(b".")
-        if self.max_size is not None and self._counted > self.max_size and not self._too_big:
-            self._too_big = True
-            if self._connection is not None:
-                self._connection.abort()  # mid-DATA: the backend discards the message
-                self._connection = None
-            self._open = self._in_data = False
         await self._pass_on(chunk)
 
     async def _pass_on(self, data: bytes) -> None:
@@ -127,8 +112,6 @@ class RelayTransaction:
 
     async def finish(self) -> tuple[Reply, str]:
         """Write the final dot. The backend's answer is the client's, unless it is unsure."""
-        if self._too_big:
-            return replies.SIZE_EXCEEDED, "SIZE"
         if not self._in_data:
             return _DATA_FAILED
         self._in_data = False

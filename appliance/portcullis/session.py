@@ -203,8 +203,9 @@ class Session:
         if (event.sender.size or 0) + len(trace) > limit:
             self._answer(replies.SIZE_EXCEEDED, "SIZE")
             return
+        self.core.reserve(len(trace))
         relay = RelayTransaction(self.services.backend, event.sender, self.services.tally,
-                                 client, trace, limit)
+                                 client, trace)
         self.transaction = Transaction(relay)
         self.core.respond(replies.SENDER_OK)
 

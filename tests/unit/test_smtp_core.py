@@ -152,6 +152,17 @@ def test_size_limit_enforced_while_streaming():
     assert [e.label for e in d.of(smtp.MessageRefused)] == ["SIZE"]
 
 
+def test_reserved_octets_count_toward_the_size_limit():
+    # 1,900 octets fit a 2,000 limit alone, not with the 200 the gate adds (its header).
+    d = Driver(ProtocolLimits(max_message_size=2000))
+    d.server.reserve(200)
+    d.feed(TRANSACTION)
+    for _ in range(19):
+        d.feed(b"z" * 98 + b"\r\n")
+    assert d.codes(d.feed(b".\r\n")) == [552]
+    assert [e.label for e in d.of(smtp.MessageRefused)] == ["SIZE"]
+
+
 def test_declared_size_over_limit_refused_at_mail():
     d = Driver(ProtocolLimits(max_message_size=5000))
     out = d.feed(b"EHLO c\r\nMAIL FROM:<a@b.test> SIZE=5001\r\n")

@@ -74,9 +74,10 @@ class MessageLines:
         self.max_size = max_size
         self.start()
 
-    def start(self) -> None:
+    def start(self, size: int = 0) -> None:
+        """A new message, `size` octets of which are already spoken for."""
         self.problem: Problem | None = None
-        self.size = 0  # unstuffed octets so far
+        self.size = size  # unstuffed octets so far
         self._line_start = True  # the next byte starts a line
 
     def next_chunk(self, buf: bytearray) -> bytes | MessageEnd | Problem | None:

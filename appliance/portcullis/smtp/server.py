@@ -72,6 +72,7 @@ class SmtpServer:
         self._pending: object | None = None  # event awaiting respond()
         self._command_lines = CommandLines(limits.max_command_line)
         self._message_lines = MessageLines(limits.max_text_line, limits.max_message_size)
+        self._reserved = 0  # octets the application adds to the next message
         self._closing = False
         self.last_reply: Reply | None = None
 
@@ -146,6 +147,11 @@ class SmtpServer:
         self._queue(reply)
         self._closing = True
 
+    def reserve(self, octets: int) -> None:
+        """Count `octets` the application adds to the transaction's message (a trace
+        header) toward max_message_size, as if the client had sent them."""
+        self._reserved = octets
+
     def hello_reply(self, event: Hello) -> Reply:
         """The positive answer to HELO, or to EHLO with the extensions we offer."""
         if not event.extended:
@@ -177,7 +183,7 @@ class SmtpServer:
             self.recipients = 0
             self.rejected_recipients = 0
         if state is State.DATA:
-            self._message_lines.start()
+            self._message_lines.start(self._reserved)
         self.state = state
 
     # --- commands -----------------------------------------------------------------
