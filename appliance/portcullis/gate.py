@@ -283,9 +283,9 @@ class Gate:
         table.opened(ip, connection.counted)
         self.registry.active.set(table.total)
         if not allowlisted and table.needs_pregreet(ip, now):
-            self._pregreet(sock, connection_id, port)
+            self._pregreet(sock, connection_id)
         else:
-            self._dispatch(sock, connection_id, port)
+            self._dispatch(sock, connection_id)
 
     def _refuse(self, sock: socket.socket, connection: Connection, reply: bytes,
                 label: str) -> None:
@@ -301,7 +301,7 @@ class Gate:
                 pass
         sock.close()
 
-    def _pregreet(self, sock: socket.socket, connection_id: int, port: int) -> None:
+    def _pregreet(self, sock: socket.socket, connection_id: int) -> None:
         """Wait silently before the banner; a client that talks first is refused."""
         fd = sock.fileno()
         connection = self.connections[connection_id]
@@ -323,12 +323,12 @@ class Gate:
         def waited() -> None:
             self.loop.remove_reader(fd)
             self.table.pregreet_pass(connection.ip, time.monotonic())
-            self._dispatch(sock, connection_id, port)
+            self._dispatch(sock, connection_id)
 
         self.loop.add_reader(fd, talked)
         timer = self.loop.call_later(self.config.limits.pregreet_delay, waited)
 
-    def _dispatch(self, sock: socket.socket, connection_id: int, port: int) -> None:
+    def _dispatch(self, sock: socket.socket, connection_id: int) -> None:
         connection = self.connections[connection_id]
         worker = self._pick_worker()
         if worker is None:
@@ -338,7 +338,7 @@ class Gate:
             return
         header = json.dumps({
             "id": connection_id, "session": connection.session, "start": connection.started,
-            "ip": connection.ip, "port": port,
+            "ip": connection.ip, "port": connection.port,
             "stress": self.table.stressed, "allowlisted": not connection.counted,
             "pregreet_failed": self.table.pregreet_failed_recently(connection.ip),
         }).encode()
