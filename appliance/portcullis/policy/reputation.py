@@ -229,10 +229,11 @@ class SqliteStore(MemoryStore):
                 for key, until, label in self._db.execute(
                         "SELECT key, until, label FROM bans WHERE until > ?", (now,)):
                     super().ban(key, until, label)
-                for key, at in self._db.execute(
-                        "SELECT key, at FROM events WHERE at > ? AND ? ORDER BY at",
-                        (now - self.retention, self.read_events)):
-                    super().add_event(key, at)
+                if self.read_events:
+                    for key, at in self._db.execute(
+                            "SELECT key, at FROM events WHERE at > ? ORDER BY at",
+                            (now - self.retention,)):
+                        super().add_event(key, at)
                 self._last_ban_id, self._last_event_id = self._max_ids()
         except sqlite3.Error as e:
             self._db.close()
@@ -379,11 +380,12 @@ class SqliteStore(MemoryStore):
                     (self._last_ban_id, self._writer_id)):
                 self._inbox.append(("unban", key) if label == UNBANNED
                                    else ("ban", key, until, label))
-            for key, at in self._db.execute(
-                    "SELECT key, at FROM events WHERE id > ? AND writer != ? AND at > ? AND ?",
-                    (self._last_event_id, self._writer_id, self._clock() - self.retention,
-                     self.read_events)):
-                self._inbox.append(("event", key, at))
+            if self.read_events:
+                for key, at in self._db.execute(
+                        "SELECT key, at FROM events WHERE id > ? AND writer != ? AND at > ?",
+                        (self._last_event_id, self._writer_id,
+                         self._clock() - self.retention)):
+                    self._inbox.append(("event", key, at))
             self._last_ban_id, self._last_event_id = self._max_ids()
 
     def _purge_rows(self) -> None:
