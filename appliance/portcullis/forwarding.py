@@ -13,10 +13,11 @@ version and cipher travel in the Received header only.
 
 from __future__ import annotations
 
-import ipaddress
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
+
+from .addresses import canonical
 
 UNAVAILABLE = "[UNAVAILABLE]"
 MAX_VALUE = 255  # octets of an attribute value, as Postfix accepts (the READMEs' note 1)
@@ -41,15 +42,10 @@ def xtext(value: str) -> str:
                    for octet in value.encode("utf-8"))
 
 
-def _ip(client: ClientFacts) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    address = ipaddress.ip_address(client.address)
-    return getattr(address, "ipv4_mapped", None) or address
-
-
 def attributes(client: ClientFacts) -> dict[str, str]:
     """NAME, ADDR, PORT, PROTO and HELO, xtext-encoded. A value longer than Postfix
     takes goes as [UNAVAILABLE]: cut short, a name would be a wrong name."""
-    address = _ip(client)
+    address = canonical(client.address)
     values = {
         "NAME": client.name or UNAVAILABLE,
         "ADDR": f"IPV6:{address.compressed}" if address.version == 6 else str(address),
@@ -104,7 +100,7 @@ def received_header(client: ClientFacts, hostname: str, session_id: str,
 
     Without a verified name the TCP-info is the address literal alone, as RFC 5321
     4.4 has it. Every line starts with "Received:" or a tab, never with a dot."""
-    address = _ip(client)
+    address = canonical(client.address)
     literal = f"[IPv6:{address.compressed}]" if address.version == 6 else f"[{address}]"
     tcp_info = f"({_neutered(client.name)} {literal})" if client.name else f"({literal})"
     protocol = "ESMTPS" if client.tls else "ESMTP" if client.esmtp else "SMTP"
