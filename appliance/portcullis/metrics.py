@@ -31,7 +31,7 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
-from . import __version__
+from . import __version__, upstream
 from .config import Backend, HostPort
 
 # Tally keys: "reason:<LABEL>" for refusals and decisions, "evicted:<table>" for entries
@@ -207,23 +207,11 @@ class WorkerUsage:
 
 
 async def backend_answers(servers: list[HostPort], timeout: float) -> bool:
-    """Whether a backend server greets with 220; the probe then says QUIT."""
+    """Whether any backend server greets with 220."""
     for server in servers:
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(server.host, server.port)
-                try:
-                    line = await reader.readline()
-                    while line.startswith(b"220-"):
-                        line = await reader.readline()
-                    if line.startswith(b"220 "):
-                        writer.write(b"QUIT\r\n")
-                        await reader.readline()
-                        return True
-                finally:
-                    writer.close()
-        except (OSError, TimeoutError):
-            continue
+        answered, _ = await upstream.greeting(server, timeout)
+        if answered:
+            return True
     return False
 
 

@@ -20,13 +20,13 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import time
 from dataclasses import fields, is_dataclass
 
 import yaml
 
+from . import upstream
 from .addresses import canonical, client_of, prefix_of_text
 from .config import Config, ConfigError, DnsListSite, HostPort
 from .firewall import BanClient, BanHelperError
@@ -145,16 +145,8 @@ def status(config: Config) -> str:
 
 def probe_backend(server: HostPort, timeout: float) -> str:
     """'reachable (banner)' when the server answers 220 within timeout, else why not."""
-    try:
-        with socket.create_connection((server.host, server.port), timeout) as sock:
-            banner = sock.makefile("rb").readline(512).decode("ascii", "replace").strip()
-            with contextlib.suppress(OSError):
-                sock.sendall(b"QUIT\r\n")
-    except OSError as e:
-        return f"unreachable ({e.strerror or e})"
-    if not banner.startswith("220"):
-        return f"unreachable (banner {banner!r})"
-    return f"reachable ({banner})"
+    answered, detail = asyncio.run(upstream.greeting(server, timeout))
+    return f"{'reachable' if answered else 'unreachable'} ({detail})"
 
 
 def _store_health(config: Config) -> str:

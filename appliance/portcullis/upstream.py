@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 
@@ -213,6 +214,32 @@ class BackendConnection:
         """Drop the connection; a backend mid-DATA discards the message."""
         self.broken = True
         self.stream.abort()
+
+
+async def greeting(server: HostPort, timeout: float) -> tuple[bool, str]:
+    """Whether `server` greets with 220 within `timeout`, and its banner, or why not.
+    A probe (for /healthz and `portcullis status`): it says QUIT and closes."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(server.host, server.port)
+            try:
+                line = await reader.readline()
+                while line.startswith(b"220-"):
+                    line = await reader.readline()
+                banner = line[:MAX_REPLY_LINE].decode("ascii", "replace").strip()
+                if not line.startswith(b"220 "):
+                    return False, f"banner {banner!r}"
+                writer.write(b"QUIT\r\n")
+                await reader.readline()
+                return True, banner
+            finally:
+                writer.close()
+    except TimeoutError:
+        return False, f"no banner within {timeout:g}s"
+    except OSError as e:  # asyncio's strerror is "Connect call failed (addr)"; say why
+        return False, os.strerror(e.errno) if e.errno else str(e)
+    except ValueError:  # a line longer than the reader's limit
+        return False, "banner line too long"
 
 
 class BackendPool:
