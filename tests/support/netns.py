@@ -15,11 +15,13 @@ parallel test runs on one machine do not collide. Needs root (`requires_root`).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import secrets
 import shutil
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -27,6 +29,7 @@ import pytest
 IP = shutil.which("ip") or "/usr/sbin/ip"
 COMMAND_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
+CLONE_NEWNET = 0x40000000  # sched.h
 
 requires_root = pytest.mark.skipif(
     os.geteuid() != 0, reason="network namespaces need root (run the suite as root)"
@@ -94,6 +97,30 @@ class Namespace:
 
     def __repr__(self) -> str:
         return f"Namespace({self.name!r}, address={self.address!r})"
+
+
+def call_in_netns(name: str, function, *args):
+    """function(*args) in a thread of this process inside namespace `name` (by its
+    /run/netns name): the sockets it makes stay in that namespace after it returns."""
+    outcome: dict = {}
+
+    def enter_and_call():
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/run/netns/{name}") as netns:
+            if libc.setns(netns.fileno(), CLONE_NEWNET) != 0:
+                outcome["error"] = OSError(ctypes.get_errno(), f"setns into {name}")
+                return
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
+            outcome["error"] = e
+
+    thread = threading.Thread(target=enter_and_call, name=f"in {name}")
+    thread.start()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:
