@@ -1,10 +1,11 @@
 """Client addresses: one canonical form, the client an address belongs to, prefixes, and
-per-client rate buckets."""
+per-client rate buckets; and the box's own listening addresses, which may not be up yet."""
 
 from __future__ import annotations
 
 import functools
 import ipaddress
+import socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -38,6 +39,21 @@ def client_of(address: str, ipv6_bits: int) -> str:
     if ip.version == 4 or ipv6_bits == 128:
         return str(ip)
     return str(ipaddress.ip_network((ip, ipv6_bits), strict=False))
+
+
+# <linux/in.h> and <linux/in6.h>; Python's socket module names neither.
+IP_FREEBIND = 15
+IPV6_FREEBIND = 78
+
+
+def bind_before_address_is_up(sock: socket.socket) -> None:
+    """Let `sock` bind an address no interface holds yet (IP_FREEBIND, as systemd's
+    NETWORK_ONLINE advice has it): the gate starts without waiting for the network to be
+    configured, and a listener on a specific address takes connections once it is."""
+    if sock.family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+    else:
+        sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
 
 
 class TokenBucket:

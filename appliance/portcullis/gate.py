@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from . import config as configuration
 from . import logs, tls
-from .addresses import canonical
+from .addresses import bind_before_address_is_up, canonical
 from .admission import ConnectionTable
 from .config import Config, ConfigError
 from .firewall import BanClient
@@ -109,6 +109,7 @@ class Gate:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            bind_before_address_is_up(sock)  # the unit does not wait for network-online
             try:
                 sock.bind((address.host, address.port))
             except OSError as e:

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import os
+import socket
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -32,6 +33,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from . import __version__, upstream
+from .addresses import bind_before_address_is_up
 from .config import Backend, HostPort
 
 # Tally keys: "reason:<LABEL>" for refusals and decisions, "evicted:<table>" for entries
@@ -323,10 +325,25 @@ class Registry:
     async def serve(self, listen: HostPort, health: Callable[[], Awaitable[str]]) -> None:
         """Serve /metrics and /healthz; `health` says why the gate cannot take mail ("" if
         it can), and refreshes the backend probe before each scrape too."""
-        host = None if listen.host == "::" else listen.host  # "::" takes IPv4 too (config.py)
-        self.server = await asyncio.start_server(
-            lambda reader, writer: self._serve(reader, writer, health),
-            host, listen.port, limit=REQUEST_LIMIT, reuse_address=True)
+        def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Awaitable[None]:
+            return self._serve(reader, writer, health)
+
+        if listen.host == "::":  # every address, IPv4 too (config.py)
+            self.server = await asyncio.start_server(handle, None, listen.port,
+                                                     limit=REQUEST_LIMIT, reuse_address=True)
+            return
+        # One address (the management one, by DHCP perhaps): bound before it is up.
+        family, kind, proto, _, address = socket.getaddrinfo(
+            listen.host, listen.port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            bind_before_address_is_up(sock)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        self.server = await asyncio.start_server(handle, sock=sock, limit=REQUEST_LIMIT)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      health: Callable[[], Awaitable[str]]) -> None:
