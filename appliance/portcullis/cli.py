@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
-import socket
 import sys
 
-from . import __version__, operator
+from . import __version__
 from . import config as configuration
 from .config import ConfigError
 
+# Each command imports what only it needs (asyncio, the gate, the worker, the operator's
+# tools): every boot runs check-config twice before the gate starts, and under an
+# emulated CPU each module costs.
+
 
 def _event_loop_policy() -> None:
+    import asyncio
     try:
         import uvloop
     except ImportError:
@@ -37,10 +40,13 @@ def check_config(args: argparse.Namespace) -> int:
 
 
 def serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .gate import Gate
+
     config = configuration.load(args.config)
     _setup_logging(config.log_level, "gate")
     _event_loop_policy()
-    from .gate import Gate
 
     async def main() -> None:
         await Gate(config, args.config).run()
@@ -50,11 +56,14 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
+    import asyncio
+    import socket
+
+    from .worker import WorkerProcess
+
     config = configuration.load(args.config)
     _setup_logging(config.log_level, f"worker-{args.number}")
     _event_loop_policy()
-    from .worker import WorkerProcess
-
     control = socket.socket(fileno=args.control_fd)
 
     async def main() -> None:
@@ -72,28 +81,31 @@ def ban_helper(args: argparse.Namespace) -> int:
 # The operator's commands (operator.py), on a running appliance: postconf, postqueue.
 
 def show_config(args: argparse.Namespace) -> int:
+    from . import operator
     print(operator.show_config(configuration.load(args.config), args.changed_only), end="")
     return 0
 
 
-def _operate(args: argparse.Namespace, command, *arguments) -> int:
-    return operator.run(command, configuration.load(args.config, io_checks=False), *arguments)
+def _operate(args: argparse.Namespace, command: str, *arguments) -> int:
+    from . import operator
+    return operator.run(getattr(operator, command), configuration.load(args.config, io_checks=False),
+                        *arguments)
 
 
 def status(args: argparse.Namespace) -> int:
-    return _operate(args, operator.status)
+    return _operate(args, "status")
 
 
 def bans_list(args: argparse.Namespace) -> int:
-    return _operate(args, operator.bans_list)
+    return _operate(args, "bans_list")
 
 
 def bans_add(args: argparse.Namespace) -> int:
-    return _operate(args, operator.bans_add, args.address, args.seconds)
+    return _operate(args, "bans_add", args.address, args.seconds)
 
 
 def bans_remove(args: argparse.Namespace) -> int:
-    return _operate(args, operator.bans_remove, args.address)
+    return _operate(args, "bans_remove", args.address)
 
 
 def main(argv: list[str] | None = None) -> int:
