@@ -121,10 +121,12 @@ class Gate:
 
     async def run(self) -> None:
         tls.server_context(self.config.tls, self.config.hostname)  # fail early; make the pair once
-        self.registry.certificate(tls.certificate_expiry(self.config.tls, self.config.hostname))
         self.bind()
         for number in range(self.config.workers):
             self._spawn(number)
+        # After the spawn: reading the expiry loads cryptography's x509, and the workers
+        # (which take the banner) start meanwhile.
+        self.registry.certificate(tls.certificate_expiry(self.config.tls, self.config.hostname))
         if self.config.metrics.listen:
             await self.registry.serve(self.config.metrics.listen, self.health)
         for listener in self.listeners:
