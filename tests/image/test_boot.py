@@ -43,3 +43,20 @@ def test_gate_waits_for_its_firewall_but_not_for_the_network(host):
     wants = unit_property(host, "portcullis.service", "Wants").split()
     assert "nftables.service" in after or "portcullis-nftables.service" in after
     assert "network-online.target" not in after + wants
+
+
+@pytest.mark.host
+def test_firewall_modules_are_loaded_before_the_ruleset(host):
+    """systemd-modules-load loads the ruleset's modules in one go; left to nft, each one
+    costs a modprobe and a replay of the whole transaction."""
+    listed = [line for line in host.file("/etc/modules-load.d/portcullis-nftables.conf")
+              .content_string.splitlines() if line and not line.startswith("#")]
+    loaded = {line.split()[0] for line in host.file("/proc/modules").content_string.splitlines()}
+    assert "nf_tables" in listed
+    assert set(listed) <= loaded
+
+
+@pytest.mark.parametrize("module", STRIP["strip_unused_drivers"])
+def test_unused_drivers_are_not_loaded(host, module):
+    loaded = {line.split()[0] for line in host.file("/proc/modules").content_string.splitlines()}
+    assert module not in loaded
