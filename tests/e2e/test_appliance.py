@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import os
 import smtplib
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -73,42 +71,11 @@ def test_unknown_recipient_and_foreign_domain_refused_at_rcpt(appliance, backend
     backend.assert_no_bounce()
 
 
-def test_idle_connections_do_not_stop_a_delivery(appliance, backend):
-    """Idle connections held open (below the per-source cap of 20, since every client
-    here shares one address) while a delivery goes through."""
-    idle = [socket.create_connection(("127.0.0.1", appliance.smtp_port), timeout=10)
-            for _ in range(15)]
-    try:
-        time.sleep(2)
-        before = len(backend.messages("alice"))
-        with smtp(appliance.smtp_port) as client:
-            client.sendmail("sender@outside.example", [f"alice@{DOMAIN}"], MESSAGE)
-        assert as_sent(backend.wait_for("alice", before + 1, timeout=60)[-1]) == MESSAGE
-    finally:
-        for conn in idle:
-            conn.close()
-
-
-def test_dha_burst_refused_at_rcpt_without_any_ndr(appliance, backend):
-    codes = []
-    with smtp(appliance.smtp_port) as client:
-        client.mail("harvester@outside.example")
-        for n in range(12):
-            try:
-                codes.append(rcpt_code(client, f"guess{n}@{DOMAIN}"))
-            except smtplib.SMTPServerDisconnected:
-                break
-    assert codes and all(code >= 400 for code in codes), codes
-    # Banned: the harvester's address gets no banner any more.
-    deadline = time.monotonic() + 30
-    while read_banner(appliance.smtp_port, timeout=5).startswith(b"220"):
-        assert time.monotonic() < deadline, "the harvester was not banned after the DHA burst"
-        time.sleep(1)
-    assert "10.0.2.2" in appliance.ssh("sudo nft list set inet portcullis portcullis_ban4")
-    backend.assert_no_bounce()
-
-
 def test_config_and_ban_survive_a_reboot(appliance, boot_figures):
+    """(Harvests, floods and idle connections from many addresses: test_lab.py.)"""
+    # The host's address is every client here: banned by the operator's CLI, as an admin would.
+    appliance.ssh("sudo /opt/portcullis/bin/portcullis bans add 10.0.2.2 3600")
+    assert not read_banner(appliance.smtp_port, timeout=10).startswith(b"220")
     seeded = appliance.ssh("sudo cat /etc/portcullis/portcullis.yaml")
     certificate = appliance.tls_fingerprint()  # the pair the gate made, on the data disk
     boot_figures["reboot until the gate answers"] = appliance.reboot(BOOT_TIMEOUT)
