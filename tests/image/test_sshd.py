@@ -41,3 +41,14 @@ def test_admin_group_and_banner(effective, harden):
 def test_no_forwarding(effective):
     for key in ("allowtcpforwarding", "allowagentforwarding", "x11forwarding", "permittunnel"):
         assert effective[key] == "no", key
+
+
+def test_sshd_retries_until_the_management_address_is_up(host):
+    """A bind to an address not up yet makes sshd exit 255, which Debian's unit would
+    never restart: the admin would be locked out until someone reboots the box."""
+    unit = dict(line.split("=", 1) for line in host.check_output(
+        "systemctl show ssh.service -p Restart -p RestartPreventExitStatus "
+        "-p StartLimitIntervalUSec").splitlines())
+    assert unit["Restart"] == "on-failure"
+    assert unit["RestartPreventExitStatus"] == ""
+    assert unit["StartLimitIntervalUSec"] in ("0", "infinity")
