@@ -12,6 +12,7 @@ import re
 import smtplib
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from tests.e2e.appliance import BUILD_KEY, TOP
@@ -38,6 +39,19 @@ class BootedLab:
         if result.returncode != 0:
             raise RuntimeError(f"vm/lab up failed: {result.stderr}{result.stdout}")
         return self.record["boot_to_banner_seconds"]
+
+    def wait_for_ssh(self, timeout: float) -> None:
+        """sshd starts after the network is online, often after the gate's banner."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.ssh("true", timeout=30)
+                return
+            except (RuntimeError, subprocess.TimeoutExpired):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no SSH to {self.record['appliance_mgmt']} within "
+                                       f"{timeout} s") from None
+                time.sleep(3)
 
     def down(self) -> None:
         subprocess.run([sys.executable, str(LAB), "--name", self.name, "down"],

@@ -56,6 +56,7 @@ def lab(tmp_path_factory, boot_figures):
     booted = BootedLab(f"pc-e2e-{os.getpid()}")
     try:
         boot_figures["lab: qcow2 boot to banner"] = booted.up(built("qcow2"), path, BOOT_TIMEOUT)
+        booted.wait_for_ssh(BOOT_TIMEOUT)
         yield booted
     finally:
         booted.down()
@@ -232,7 +233,9 @@ def harvest(gate: str, source: str, sessions: int) -> list[int]:
         try:
             with smtplib.SMTP(gate, 25, local_hostname="harvester.example.net", timeout=15,
                               source_address=(source, 0)) as probe:
-                probe.mail("x@example.net")
+                probe.ehlo()
+                if probe.mail("x@example.net")[0] != 250:
+                    return codes
                 for n in range(5):
                     codes.append(probe.rcpt(f"nobody{session}-{n}@{DOMAIN}")[0])
                     if codes[-1] == 421:
