@@ -25,7 +25,7 @@ deps: ## install the Debian packages and the Python venv (.venv) the tests need
 test: deps lint test-gate $(EXTRA_TESTS) ## run every test: lint, the gate, the roles, fuzzing, the image
 
 lint: ## ruff on the code (and yamllint, ansible-lint on the roles)
-	$(VENV)/bin/ruff check appliance tests bench
+	$(VENV)/bin/ruff check appliance tests bench vm/boot vm/lab scripts/make-seed
 
 test-gate: ## the gate's unit and integration tests (pytest)
 	$(PY) -m pytest -q tests/unit tests/integration
