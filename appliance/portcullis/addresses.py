@@ -56,6 +56,23 @@ def bind_before_address_is_up(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (an IPv6 one takes IPv6 only), allowed to bind an
+    address that is not up yet; the caller listens on it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        bind_before_address_is_up(sock)  # the gate's unit does not wait for network-online
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class TokenBucket:
     """`rate` tokens a second, holding at most `burst`; each allowed event takes one."""
 

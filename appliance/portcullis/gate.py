@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from . import config as configuration
 from . import logs, tls
-from .addresses import bind_before_address_is_up, canonical
+from .addresses import canonical, listening_socket
 from .admission import ConnectionTable
 from .config import Config, ConfigError
 from .firewall import BanClient
@@ -104,16 +104,9 @@ class Gate:
 
     def bind(self) -> None:
         for address in self.config.listen:
-            family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            bind_before_address_is_up(sock)  # the unit does not wait for network-online
             try:
-                sock.bind((address.host, address.port))
+                sock = listening_socket(address.host, address.port)
             except OSError as e:
-                sock.close()
                 raise ConfigError(f"key 'listen': cannot listen on {address}: {e.strerror}") from None
             sock.listen(self.config.limits.listen_backlog)
             sock.setblocking(False)

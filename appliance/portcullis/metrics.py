@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import json
 import os
-import socket
 import time
 from bisect import bisect_left
 from collections import Counter
@@ -33,7 +32,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.utils import floatToGoString
 
 from . import __version__, upstream
-from .addresses import bind_before_address_is_up
+from .addresses import listening_socket
 from .config import Backend, HostPort
 
 # Tally keys: "reason:<LABEL>" for refusals and decisions, "evicted:<table>" for entries
@@ -333,17 +332,8 @@ class Registry:
                                                      limit=REQUEST_LIMIT, reuse_address=True)
             return
         # One address (the management one, by DHCP perhaps): bound before it is up.
-        family, kind, proto, _, address = socket.getaddrinfo(
-            listen.host, listen.port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            bind_before_address_is_up(sock)
-            sock.bind(address)
-        except OSError:
-            sock.close()
-            raise
-        self.server = await asyncio.start_server(handle, sock=sock, limit=REQUEST_LIMIT)
+        self.server = await asyncio.start_server(
+            handle, sock=listening_socket(listen.host, listen.port), limit=REQUEST_LIMIT)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      health: Callable[[], Awaitable[str]]) -> None:
