@@ -207,10 +207,10 @@ class WorkerUsage:
             value=memory)
 
 
-async def backend_answers(servers: list[HostPort], timeout: float) -> bool:
+async def backend_answers(backend: Backend, timeout: float) -> bool:
     """Whether any backend server greets with 220."""
-    for server in servers:
-        answered, _ = await upstream.greeting(server, timeout)
+    for server in backend.servers:
+        answered, _ = await upstream.greeting(server, backend, timeout)
         if answered:
             return True
     return False
@@ -235,8 +235,7 @@ class BackendProbe:
 
     async def _probe(self, backend: Backend) -> None:
         try:
-            self.up = await backend_answers(backend.servers,
-                                            min(backend.connect_timeout, PROBE_TIMEOUT))
+            self.up = await backend_answers(backend, min(backend.connect_timeout, PROBE_TIMEOUT))
         finally:
             self.gauge.set(1 if self.up else 0)
             self._due = time.monotonic() + PROBE_INTERVAL

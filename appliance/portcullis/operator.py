@@ -28,7 +28,7 @@ import yaml
 
 from . import upstream
 from .addresses import canonical, client_of, prefix_of_text
-from .config import Config, ConfigError, DnsListSite, HostPort
+from .config import Backend, Config, ConfigError, DnsListSite, HostPort
 from .firewall import BanClient, BanHelperError
 from .policy import reputation
 
@@ -137,15 +137,15 @@ def status(config: Config) -> str:
     lines += [f"active connections: {facts['active_connections']}",
               f"stress mode: {'on' if facts['stress'] else 'off'}"]
     timeout = min(config.backend.connect_timeout, PROBE_TIMEOUT)
-    lines += [f"backend {server}: {probe_backend(server, timeout)}"
+    lines += [f"backend {server}: {probe_backend(server, config.backend, timeout)}"
               for server in config.backend.servers]
     lines.append(f"store: {_store_health(config)}; write errors: {facts['store_write_errors']}")
     return "\n".join(lines)
 
 
-def probe_backend(server: HostPort, timeout: float) -> str:
+def probe_backend(server: HostPort, backend: Backend, timeout: float) -> str:
     """'reachable (banner)' when the server answers 220 within timeout, else why not."""
-    answered, detail = asyncio.run(upstream.greeting(server, timeout))
+    answered, detail = asyncio.run(upstream.greeting(server, backend, timeout))
     return f"{'reachable' if answered else 'unreachable'} ({detail})"
 
 

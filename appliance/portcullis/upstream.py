@@ -216,30 +216,43 @@ class BackendConnection:
         self.stream.abort()
 
 
-async def greeting(server: HostPort, timeout: float) -> tuple[bool, str]:
+async def open_connection(server: HostPort, config: Backend,
+                          timeout: float) -> tuple[BackendConnection, Reply]:
+    """A connection to `server` and its banner, a 220 within `timeout` of connecting;
+    BackendUnavailable, naming the server and why, otherwise."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, stream = await asyncio.get_running_loop().create_connection(
+                ByteStream, server.host, server.port)
+    except TimeoutError:
+        raise BackendUnavailable(f"{server}: no connection within {timeout:g}s") from None
+    except OSError as e:  # asyncio's strerror is "Connect call failed (addr)": say why
+        raise BackendUnavailable(
+            f"{server}: {os.strerror(e.errno) if e.errno else e}") from None
+    connection = BackendConnection(server, stream, config)
+    banner = await connection.read_reply(timeout)  # a fault aborts the connection
+    if banner.code != 220:
+        connection.abort()
+        raise BackendUnavailable(f"{server}: banner {banner}")
+    return connection, banner
+
+
+async def greeting(server: HostPort, config: Backend, timeout: float) -> tuple[bool, str]:
     """Whether `server` greets with 220 within `timeout`, and its banner, or why not.
     A probe (for /healthz and `portcullis status`): it says QUIT and closes."""
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(server.host, server.port)
-            try:
-                line = await reader.readline()
-                while line.startswith(b"220-"):
-                    line = await reader.readline()
-                banner = line[:MAX_REPLY_LINE].decode("ascii", "replace").strip()
-                if not line.startswith(b"220 "):
-                    return False, f"banner {banner!r}"
-                writer.write(b"QUIT\r\n")
-                await reader.readline()
-                return True, banner
-            finally:
-                writer.close()
+            connection, banner = await open_connection(server, config, timeout)
     except TimeoutError:
         return False, f"no banner within {timeout:g}s"
-    except OSError as e:  # asyncio's strerror is "Connect call failed (addr)"; say why
-        return False, os.strerror(e.errno) if e.errno else str(e)
-    except ValueError:  # a line longer than the reader's limit
-        return False, "banner line too long"
+    except BackendUnavailable as e:
+        return False, str(e).removeprefix(f"{server}: ")
+    try:
+        await connection.command("QUIT", timeout)
+    except BackendUnavailable:
+        pass
+    connection.abort()
+    return True, str(banner).splitlines()[0]
 
 
 class BackendPool:
@@ -257,21 +270,11 @@ class BackendPool:
         problems = []
         for server in self.config.servers:
             try:
-                async with asyncio.timeout(self.config.connect_timeout):
-                    _, stream = await asyncio.get_running_loop().create_connection(
-                        ByteStream, server.host, server.port)
-            except OSError as e:  # TimeoutError is an OSError too
-                problems.append(f"{server}: {e.strerror or 'connect timed out'}")
-                continue
-            connection = BackendConnection(server, stream, self.config)
-            try:
-                banner = await connection.read_reply(self.config.connect_timeout)
-                if banner.code != 220:
-                    raise BackendUnavailable(f"{server}: banner {banner}")
-                await connection.hello()
+                connection, _ = await open_connection(server, self.config,
+                                                      self.config.connect_timeout)
+                await connection.hello()  # a fault aborts the connection
                 return connection
             except BackendUnavailable as e:
-                connection.abort()
                 problems.append(str(e))
         raise BackendUnavailable("; ".join(problems) or "no backend servers configured")
 
