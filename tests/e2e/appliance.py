@@ -20,6 +20,9 @@ BOOT = TOP / "vm" / "boot"
 BUILD_KEY = TOP / "build" / "cache" / "id_build"
 BACKEND_AS_SEEN_BY_GUEST = "10.0.2.100:25"
 ADMIN = "admin"
+# ssh as the seed's administrator, with the build key, to a box whose host key is new.
+SSH = ["ssh", "-i", str(BUILD_KEY), "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no",
+       "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
 
 
 def image_version() -> str:
@@ -127,9 +130,7 @@ class Appliance:
     # --- administration -----------------------------------------------------------
 
     def ssh_argv(self) -> list[str]:
-        return ["ssh", "-i", str(BUILD_KEY), "-p", str(self.ssh_port), "-o", "BatchMode=yes",
-                "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", f"{ADMIN}@127.0.0.1"]
+        return [*SSH, "-p", str(self.ssh_port), f"{ADMIN}@127.0.0.1"]
 
     def ssh(self, command: str, timeout: float = 60, check: bool = True) -> str:
         """Run a command as the administrator (prefix sudo for root); its stdout."""

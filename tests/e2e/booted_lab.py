@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.e2e.appliance import BUILD_KEY, TOP
+from tests.e2e.appliance import ADMIN, SSH, TOP
 from tests.support.netns import call_in_netns
 
 LAB = TOP / "vm" / "lab"
@@ -72,10 +72,8 @@ class BootedLab:
     # --- the administrator's view ------------------------------------------------------
 
     def ssh(self, command: str, timeout: float = 120) -> str:
-        result = self.run(["ssh", "-i", str(BUILD_KEY), "-o", "BatchMode=yes",
-                           "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-                           "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=20",
-                           f"admin@{self.record['appliance_mgmt']}", command], timeout=timeout)
+        result = self.run([*SSH, f"{ADMIN}@{self.record['appliance_mgmt']}", command],
+                          timeout=timeout)
         if result.returncode != 0:
             raise RuntimeError(f"ssh {command!r} failed ({result.returncode}): {result.stderr}")
         return result.stdout
