@@ -161,9 +161,12 @@ def test_a_flood_from_one_address_stops_at_the_kernel_and_then_at_the_gate(lab, 
     after_nft, after = lab.nft_counters(), lab.metrics()
     boot_figures[f"lab: one address, {NFT_CAP + 5} connects: established / 220 / 421"] = \
         f"{len(held)} / {banners} / {refused}"
-    assert len(held) == NFT_CAP  # the kernel's ct count: each SYN past the cap dropped
-    assert after_nft["smtp_conns4"] - before_nft["smtp_conns4"] >= 5
-    assert banners == GATE_CAP and refused == NFT_CAP - GATE_CAP  # the gate's own cap
+    # The kernel's ct count drops each SYN past the cap. It is not exact: a handshake
+    # in flight when the set's collector runs (once a second) is not counted, so a
+    # connection or two may pass; every connect that failed was dropped by the count.
+    assert NFT_CAP <= len(held) < NFT_CAP + 5
+    assert after_nft["smtp_conns4"] - before_nft["smtp_conns4"] >= NFT_CAP + 5 - len(held)
+    assert banners == GATE_CAP and refused == len(held) - GATE_CAP  # the gate's cap: exact
     assert decision(after, "CONN_CAP_IP") - decision(before, "CONN_CAP_IP") == refused
     assert arrived(lab, "during-one-flood") == 1
 
