@@ -33,9 +33,9 @@ variable "serial_log" {
 }
 
 locals {
-  # Packer 1.6.6 would pass accel=kvm whenever /dev/kvm exists; choose it here instead.
-  # Under TCG, the translation cache of vm/boot (TCG_ACCEL): 256 MiB, not the 1 GiB default.
-  accel_args = var.accelerator == "kvm" ? [["-accel", "kvm"], ["-cpu", "host"]] : [["-accel", "tcg,thread=multi,tb-size=256"], ["-cpu", "max"]]
+  # Packer 1.6.6 would pass accel=kvm whenever /dev/kvm exists; choose it here instead,
+  # with the same QEMU arguments as vm/boot (which says why TCG's are these).
+  accel_args = jsondecode(file("${abspath(path.root)}/../vm/qemu-accel.json"))[var.accelerator]
 }
 
 source "qemu" "portcullis" {
