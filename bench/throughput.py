@@ -4,20 +4,31 @@
 Throughput: Postfix's smtp-source sends through three targets, each relaying to its own
 Postfix smtp-sink: (a) Portcullis, (b) Postfix postscreen -> smtpd with a before-queue
 smtpd_proxy_filter, the same recipient list and no anvil limits, (c) smtp-sink directly
-(the ceiling). After a warm-up, rounds of runs alternate between the targets so that
-changing machine load hits all of them alike; it prints the median msgs/s at 20 and 100
-parallel sessions, the peak memory (PSS, summed over each target's processes) and the
-ratio Portcullis/Postfix.
+(the ceiling). The load shapes, by their --shapes key:
+
+  s20     one 2 KiB message per session, 1 recipient, 20 parallel sessions
+  s100    the same at 100 parallel sessions
+  reuse   10 messages per session, 20 sessions: smtp-source -d -m 200 -s 20, repeated
+  rcpt50  50 recipients per 2 KiB message (alice@, 2alice@ ... 50alice@), 20 sessions
+  mib     1 MiB messages, one per session, 10 sessions; also MB/s (10^6 payload bytes/s)
+  idle    silent connections held open (below)
+
+After a warm-up, each round runs every shape against every target in turn, so that
+changing machine load hits all of them alike. Per shape and target it prints the median
+and min-max over rounds of msgs/s (MB/s for mib; recipients/s for rcpt50 too), the ratio
+Portcullis/Postfix, the CPU time per message of the target's whole process tree (from
+/proc, reaped children included) and, apart, of its relay smtp-sink (Postfix opens a
+backend connection per message, Portcullis pools them), and the peak memory (PSS).
 
 Idle connections: opens many silent connections from several 127.0.0.x addresses,
-counts which got a banner, a refusal or nothing, the memory per held connection, and
+counts which got a banner, a refusal or nothing, the bytes per idle connection held, and
 how long a legitimate delivery from another address takes meanwhile.
 
 With --baseline REV, Portcullis as of git revision REV runs too, as one more target, so
 that a change is measured against what it changes in the same run.
 
-Usage: bench/throughput.py [--quick] [--messages N] [--rounds N] [--idle N] [--targets ...]
-                           [--baseline REV]
+Usage: bench/throughput.py [--quick] [--shapes KEY,...] [--messages N] [--rounds N]
+                           [--warmup N] [--idle N] [--targets ...] [--baseline REV]
 (as root; `make bench` installs what it needs and runs it)
 """
 
@@ -49,12 +60,58 @@ from tests.support.postfix import PostfixInstance
 from tests.support.tools import free_port, port_accepts, wait_until
 
 DOMAIN = "example.test"
-USERS = ("alice", "bob", "carol")
 RECIPIENT = f"alice@{DOMAIN}"
 SENDER = "load@client.sender.test"
 HOST = "127.0.0.1"
+PEER = "Postfix postscreen+proxy"  # the target Portcullis is compared with
 LEGIT_SOURCE = "127.0.0.250"  # the legitimate client of the idle test
 IDLE_SOURCES = [f"127.0.0.{n}" for n in range(2, 22)]  # where idle connections come from
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A load shape: how smtp-source sends the messages of one measured run."""
+
+    key: str
+    legend: str
+    sessions: int  # in parallel
+    messages: int  # per measured run at the default --messages
+    size: int = 2048  # payload bytes per message
+    recipients: int = 1  # per message
+    per_session: int = 1  # messages per connection; above 1, batches of smtp-source -d
+    units: tuple[str, ...] = ("msgs/s",)  # the first in the main table, the others apart
+
+
+SHAPES = (
+    Shape("s20", "one 2 KiB message per session, 1 recipient, 20 sessions", 20, 3000),
+    Shape("s100", "the same at 100 sessions", 100, 3000),
+    Shape("reuse", "10 messages per session, 20 sessions (-d -m 200 -s 20, repeated)", 20,
+          3000, per_session=10),
+    Shape("rcpt50", "50 recipients per 2 KiB message, 20 sessions", 20, 600, recipients=50,
+          units=("msgs/s", "rcpts/s")),
+    Shape("mib", "1 MiB messages (-l 1048576), one per session, 10 sessions", 10, 150,
+          size=1 << 20, units=("MB/s", "msgs/s")),
+)
+IDLE_SHAPE = "idle"  # the idle-connection test, selected with --shapes like a load shape
+DEFAULT_MESSAGES = SHAPES[0].messages  # --messages scales every shape's count by N/this
+QUICK_MESSAGES = 1000
+
+
+def message_count(shape: Shape, messages: int) -> int:
+    """Messages per measured run of `shape` when s20's is `messages`."""
+    return max(1, round(shape.messages * messages / DEFAULT_MESSAGES))
+
+
+def scaled(messages: int) -> str:
+    """The shapes whose message count differs from --messages, with theirs at `messages`."""
+    return ", ".join(f"{shape.key} {message_count(shape, messages)}" for shape in SHAPES
+                     if shape.messages != DEFAULT_MESSAGES)
+
+
+# smtp-source -r N sends to alice@, then 2alice@ ... Nalice@; both targets list them all.
+USERS = ("alice", *(f"{n}alice" for n in range(2, max(s.recipients for s in SHAPES) + 1)),
+         "bob", "carol")
 
 
 class NotRunnable(Exception):
@@ -78,6 +135,19 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo += children.get(pid, [])
     return tree
+
+
+def cpu_seconds(root: int) -> float:
+    """CPU time of a process tree: user and system time of each process and of its
+    reaped children (utime, stime, cutime, cstime), so processes that exited count too."""
+    ticks = 0
+    for pid in process_tree(root):
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks += sum(int(value) for value in fields[11:15])
+    return ticks / CLOCK_TICKS
 
 
 def pss_bytes(root: int) -> int:
@@ -173,8 +243,7 @@ def start_postfix_proxy(workdir: Path) -> Target:
         instance.close()
         sink.close()
     # postscreen makes a new address wait postscreen_greet_wait (6 s) before its banner.
-    return Target("Postfix postscreen+proxy", port, instance.master_pid(), sink, settle=9.0,
-                  close=close)
+    return Target(PEER, port, instance.master_pid(), sink, settle=9.0, close=close)
 
 
 def start_portcullis(workdir: Path, idle: int, baseline: str = "") -> Target:
@@ -220,7 +289,7 @@ def start_portcullis(workdir: Path, idle: int, baseline: str = "") -> Target:
             "max_connections": caps,
             "max_connections_per_ip": caps,
             "max_connections_per_prefix": caps,
-            "connection_rate_per_ip": 1_000_000.0,
+            "connection_rate_per_ip": 10_000.0,
             "connection_burst_per_ip": 1_000_000,
         },
     }
@@ -269,64 +338,104 @@ def start_portcullis(workdir: Path, idle: int, baseline: str = "") -> Target:
 
 @dataclass
 class Run:
+    shape: Shape
     messages: int
-    sessions: int
     seconds: float
     relayed: int  # messages the sink received during the run
     peak_pss: int
+    cpu: float  # CPU seconds of the target's process tree during the run
+    sink_cpu: float | None  # the same of its relay smtp-sink; None if the sink is the target
     error: str = ""
 
-    @property
-    def rate(self) -> float:
-        return self.messages / self.seconds if not self.error else 0.0
+    def figure(self, unit: str) -> float:
+        """The run's rate in `unit`: msgs/s, rcpts/s or MB/s (10^6 payload bytes/s)."""
+        if self.error:
+            return 0.0
+        per_second = self.messages / self.seconds
+        return {"msgs/s": per_second, "rcpts/s": per_second * self.shape.recipients,
+                "MB/s": per_second * self.shape.size / 1e6}[unit]
 
 
-def smtp_source(target: Target, messages: int, sessions: int, timeout: float) -> Run:
-    """Send `messages` through the target with smtp-source, sampling its memory."""
-    command = ["smtp-source", "-4", "-M", "client.sender.test", "-l", "2048",
-               "-m", str(messages), "-s", str(sessions), "-r", "1",
-               "-f", SENDER, "-t", RECIPIENT, f"{HOST}:{target.port}"]
+def source_command(target: Target, shape: Shape, messages: int) -> list[str]:
+    """One smtp-source invocation sending `messages` in the shape's sessions."""
+    sessions = min(shape.sessions, -(-messages // shape.per_session))
+    reuse = ["-d"] if shape.per_session > 1 else []
+    return ["smtp-source", "-4", *reuse, "-M", "client.sender.test", "-l", str(shape.size),
+            "-m", str(messages), "-s", str(sessions), "-r", str(shape.recipients),
+            "-f", SENDER, "-t", RECIPIENT, f"{HOST}:{target.port}"]
+
+
+def smtp_source(target: Target, shape: Shape, messages: int, timeout: float) -> Run:
+    """Send `messages` through the target with smtp-source, sampling its memory and CPU.
+
+    With several messages per session, smtp-source -d runs again and again, each time
+    with sessions x per_session messages, until `messages` are sent.
+    """
+    batch = shape.sessions * shape.per_session
+    sink = target.sink.process.pid
     before = target.sink.messages()
-    peak = 0
+    peak, sent, error = 0, 0, ""
+    next_sample = 0.0
+    cpu_before, sink_cpu_before = cpu_seconds(target.pid), cpu_seconds(sink)
+    started = time.monotonic()
+    deadline = started + timeout
     with tempfile.TemporaryFile() as errors:
-        started = time.monotonic()
-        generator = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=errors)
-        while generator.poll() is None and time.monotonic() - started < timeout:
-            peak = max(peak, pss_bytes(target.pid))
-            time.sleep(0.25)
+        while sent < messages and not error:
+            count = min(batch, messages - sent)
+            generator = subprocess.Popen(source_command(target, shape, count),
+                                         stdout=subprocess.DEVNULL, stderr=errors)
+            while generator.poll() is None and time.monotonic() < deadline:
+                if time.monotonic() >= next_sample:
+                    peak = max(peak, pss_bytes(target.pid))
+                    next_sample = time.monotonic() + 0.25
+                try:
+                    generator.wait(max(0.01, min(next_sample, deadline) - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+            if generator.poll() is None:
+                generator.kill()
+                generator.wait()
+                error = f"timed out after {timeout:.0f} s"
+            elif generator.returncode != 0:
+                errors.seek(0)
+                error = errors.read().decode(errors="replace").strip()[-300:]
+                error = error or f"smtp-source exited with status {generator.returncode}"
+            sent += count
         seconds = time.monotonic() - started
-        if generator.poll() is None:
-            generator.kill()
-            generator.wait()
-            error = f"timed out after {timeout:.0f} s"
-        else:
-            errors.seek(0)
-            error = errors.read().decode(errors="replace").strip()[-300:]
-            error = error if generator.returncode != 0 else ""
     # The sink counts a message when its "." arrives; allow the last ones a moment.
     try:
-        wait_until(lambda: target.sink.messages() - before >= messages, 5, "the sink")
+        wait_until(lambda: target.sink.messages() - before >= messages, 10, "the sink")
     except TimeoutError:
         error = error or "the sink received fewer messages than were sent"
-    return Run(messages, sessions, seconds, target.sink.messages() - before, peak, error)
+    sink_cpu = cpu_seconds(sink) - sink_cpu_before if sink != target.pid else None
+    return Run(shape, messages, seconds, target.sink.messages() - before, peak,
+               cpu_seconds(target.pid) - cpu_before, sink_cpu, error)
 
 
-SESSIONS = (20, 100)
+def run_timeout(shape: Shape, messages: int) -> float:
+    """Seconds a measured run may take: generous, and at least 1 MB/s of payload."""
+    return 300 + messages * shape.size / 1e6
 
 
-def measure_throughput(targets: list[Target], messages: int, rounds: int
-                       ) -> dict[str, dict[int, list[Run]]]:
-    """Rounds of runs, the targets interleaved so that drifting machine load hits all alike."""
-    results: dict[str, dict[int, list[Run]]] = {t.name: {s: [] for s in SESSIONS} for t in targets}
+Results = dict[str, dict[str, list[Run]]]  # target name -> shape key -> runs
+
+
+def measure_throughput(targets: list[Target], shapes: list[Shape], counts: dict[str, int],
+                       rounds: int) -> Results:
+    """Rounds of runs, shapes and targets interleaved so that drifting load hits all alike."""
+    results: Results = {t.name: {shape.key: [] for shape in shapes} for t in targets}
     for round_number in range(1, rounds + 1):
-        for sessions in SESSIONS:
+        for shape in shapes:
+            messages = counts[shape.key]
             for target in targets:
-                run = smtp_source(target, messages, sessions, timeout=600)
+                run = smtp_source(target, shape, messages, run_timeout(shape, messages))
+                unit = shape.units[0]
                 detail = f"  ERROR: {run.error}" if run.error else ""
-                print(f"  round {round_number}, {sessions:3} sessions, {target.name:26} "
-                      f"{run.rate:6.0f} msgs/s ({run.relayed}/{messages} at the sink, "
-                      f"{run.seconds:.1f} s){detail}", flush=True)
-                results[target.name][sessions].append(run)
+                print(f"  round {round_number}, {shape.key:6} {target.name:26} "
+                      f"{number(run.figure(unit)):>6} {unit} ({run.relayed}/{messages} at "
+                      f"the sink, {run.seconds:.1f} s, "
+                      f"{run.cpu / messages * 1e6:.0f} µs CPU/msg){detail}", flush=True)
+                results[target.name][shape.key].append(run)
     return results
 
 
@@ -475,48 +584,117 @@ def mib(size: int) -> str:
     return f"{size / 2**20:.0f} MB"
 
 
-def print_report(results: dict[str, dict[int, list[Run]]], idle: dict[str, IdleResult]) -> None:
-    print("\n=== throughput, msgs/s: median (min-max) over rounds; smtp-source -l 2048 -r 1; "
-          "every target relays to its own smtp-sink ===")
-    print(f"{'target':26} {'20 sessions':>20} {'100 sessions':>20} {'PSS 20/100':>17}")
-    medians: dict[str, list[float]] = {}
-    for name, by_sessions in results.items():
-        cells, peaks = [], []
-        for sessions in SESSIONS:
-            rates = [run.rate for run in by_sessions[sessions]]
-            medians.setdefault(name, []).append(statistics.median(rates))
-            cells.append(f"{statistics.median(rates):.0f} ({min(rates):.0f}-{max(rates):.0f})"
-                         + ("!" if any(run.error for run in by_sessions[sessions]) else ""))
-            # Lowest peak over rounds: Postfix keeps idle smtpd processes (max_idle 100 s),
-            # so a 20-session run after a 100-session one would carry their memory.
-            peaks.append(mib(min(run.peak_pss for run in by_sessions[sessions])))
-        print(f"{name:26} {cells[0]:>20} {cells[1]:>20} {' / '.join(peaks):>17}")
-    ours, peer = medians.get("Portcullis"), medians.get("Postfix postscreen+proxy")
-    if ours and peer:
-        ratios = [f"{a / b:.2f}" if a and b else "n/a" for a, b in zip(ours, peer, strict=True)]
-        print(f"{'ratio Portcullis/Postfix':26} {ratios[0]:>20} {ratios[1]:>20}")
-    before = next((rates for name, rates in medians.items() if name.startswith("Portcullis @")),
-                  None)
-    if ours and before:
-        ratios = [f"{a / b:.2f}" if a and b else "n/a" for a, b in zip(ours, before, strict=True)]
-        print(f"{'ratio Portcullis/baseline':26} {ratios[0]:>20} {ratios[1]:>20}")
-    print("(PSS: peak during a run, lowest over rounds; ! = a run failed, see above)")
-    if idle:
-        print("\n=== idle connections (silent clients from "
-              f"{IDLE_SOURCES[0]}-{IDLE_SOURCES[-1]}; banner = a complete 2xx greeting) ===")
-        print(f"{'target':26} {'opened':>7} {'banner':>7} {'held':>7} {'refused':>8} "
-              f"{'silent':>7} {'PSS idle->held':>15} {'KiB/banner':>10}  legitimate delivery")
-        for name, result in idle.items():
-            per_banner = (result.pss_held - result.pss_before) / max(result.banners, 1) / 1024
-            memory = f"{mib(result.pss_before)}->{mib(result.pss_held)}"
-            print(f"{name:26} {result.opened:7} {result.banners:7} {result.still_open:7} "
-                  f"{result.refused:8} {result.silent:7} {memory:>15} {per_banner:10.1f}  "
-                  f"{result.latency_text()}")
+def number(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}"
+
+
+def spread(values: list[float]) -> str:
+    """median (min-max)"""
+    return f"{number(statistics.median(values))} ({number(min(values))}-{number(max(values))})"
+
+
+def ratio_rows(medians: dict[str, list[float | None]]) -> dict[str, list[str]]:
+    """Per column, Portcullis over the Postfix peer and over the baseline, where measured."""
+    ours = medians.get("Portcullis")
+    baseline = next((row for name, row in medians.items() if name.startswith("Portcullis @")),
+                    None)
+    rows = {}
+    for label, theirs in (("ratio Portcullis/Postfix", medians.get(PEER)),
+                          ("ratio Portcullis/baseline", baseline)):
+        if ours and theirs:
+            rows[label] = [f"{a / b:.2f}" if a and b else "n/a"
+                           for a, b in zip(ours, theirs, strict=True)]
+    return rows
+
+
+def print_table(title: str, columns: list[str], rows: dict[str, list[str]]) -> None:
+    """Rows of targets (and ratios), right-aligned columns as wide as their widest cell."""
+    widths = [max(len(column), *(len(cells[i]) for cells in rows.values()))
+              for i, column in enumerate(columns)]
+    print(f"\n=== {title} ===")
+    for name, cells in {"target": columns, **rows}.items():
+        print(f"{name:26}" + "".join(f"  {cell:>{width}}"
+                                     for cell, width in zip(cells, widths, strict=True)))
+
+
+def micros_per_message(runs: list[Run], seconds: Callable[[Run], float | None]
+                       ) -> float | None:
+    """Median over the runs that succeeded of `seconds` of CPU per message, in µs."""
+    values = [(seconds(run), run.messages) for run in runs if not run.error]
+    micros = [used / messages * 1e6 for used, messages in values if used is not None]
+    return statistics.median(micros) if micros else None
+
+
+def print_throughput(results: Results, shapes: list[Shape]) -> None:
+    print("\nshapes (smtp-source; every target relays to its own smtp-sink):")
+    for shape in shapes:
+        print(f"  {shape.key:7} {shape.legend}")
+    main = [(shape, shape.units[0]) for shape in shapes]
+    extra = [(shape, unit) for shape in shapes for unit in shape.units[1:]]
+    for title, columns in (("throughput: median (min-max) over rounds", main),
+                           ("the same runs in other units", extra)):
+        if not columns:
+            continue
+        rows, medians = {}, {}
+        for name, by_shape in results.items():
+            figures = [[run.figure(unit) for run in by_shape[shape.key]]
+                       for shape, unit in columns]
+            failed = ["!" if any(run.error for run in by_shape[shape.key]) else ""
+                      for shape, _ in columns]
+            rows[name] = [spread(values) + mark for values, mark in zip(figures, failed,
+                                                                         strict=True)]
+            medians[name] = [statistics.median(values) for values in figures]
+        if columns is main:
+            rows.update(ratio_rows(medians))
+        print_table(title, [f"{shape.key} {unit}" for shape, unit in columns], rows)
+
+    rows, medians = {}, {}
+    for name, by_shape in results.items():
+        medians[name] = [micros_per_message(by_shape[s.key], lambda run: run.cpu)
+                         for s in shapes]
+        sinks = [micros_per_message(by_shape[s.key], lambda run: run.sink_cpu) for s in shapes]
+        rows[name] = [("n/a" if ours is None else f"{ours:.0f}")
+                      + ("" if sink is None else f" / {sink:.0f}")
+                      for ours, sink in zip(medians[name], sinks, strict=True)]
+    rows.update(ratio_rows(medians))
+    print_table("CPU µs per message, median over rounds: the target's process tree / its "
+                "relay smtp-sink", [shape.key for shape in shapes], rows)
+
+    # Lowest peak over rounds: Postfix keeps idle smtpd processes (max_idle 100 s), so a
+    # run after a 100-session one would carry their memory.
+    rows = {name: [mib(min(run.peak_pss for run in by_shape[s.key])) for s in shapes]
+            for name, by_shape in results.items()}
+    print_table("peak PSS during a run, lowest over rounds", [s.key for s in shapes], rows)
+    print("(! = a run failed, see above. CPU: utime+stime+cutime+cstime from /proc; a "
+          "target's relay sink is not in its tree; smtp-sink directly is its own sink)")
+
+
+def print_idle(idle: dict[str, IdleResult]) -> None:
+    print("\n=== idle connections (silent clients from "
+          f"{IDLE_SOURCES[0]}-{IDLE_SOURCES[-1]}; banner = a complete 2xx greeting) ===")
+    print(f"{'target':26} {'opened':>7} {'banner':>7} {'held':>7} {'refused':>8} "
+          f"{'silent':>7} {'PSS idle->held':>15} {'bytes/idle conn':>16}  legitimate delivery")
+    for name, result in idle.items():
+        per_banner = (result.pss_held - result.pss_before) / max(result.banners, 1) / 1024
+        memory = f"{mib(result.pss_before)}->{mib(result.pss_held)}"
+        print(f"{name:26} {result.opened:7} {result.banners:7} {result.still_open:7} "
+              f"{result.refused:8} {result.silent:7} {memory:>15} "
+              f"{f'{per_banner:.1f} KiB':>16}  {result.latency_text()}")
+    print("(bytes per idle connection: PSS held - PSS idle, over the banners, in KiB)")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, help="messages per measured run (3000)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="shapes: " + "; ".join(f"{s.key}: {s.legend}" for s in SHAPES)
+        + f"; {IDLE_SHAPE}: silent connections held open")
+    every_shape = ",".join([*(shape.key for shape in SHAPES), IDLE_SHAPE])
+    parser.add_argument("--shapes", default=every_shape,
+                        help=f"comma-separated subset of {every_shape} (all)")
+    parser.add_argument("--messages", type=int,
+                        help=f"messages per measured run ({DEFAULT_MESSAGES}: "
+                        + ", ".join(s.key for s in SHAPES if s.messages == DEFAULT_MESSAGES)
+                        + f"); the others scale with it ({scaled(DEFAULT_MESSAGES)})")
     parser.add_argument("--rounds", type=int, help="measured runs per figure (3)")
     parser.add_argument("--warmup", type=int, help="warm-up messages per target (500)")
     parser.add_argument("--idle", type=int, help="idle connections to hold (10000)")
@@ -527,12 +705,21 @@ def main() -> int:
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure Portcullis as of this git revision")
     parser.add_argument("--quick", action="store_true",
-                        help="short run: 1 round of 1000 messages, 200 warm-up, 1000 idle")
+                        help=f"short run: 1 round of {QUICK_MESSAGES} messages "
+                        f"({scaled(QUICK_MESSAGES)}), 200 warm-up, 1000 idle")
     args = parser.parse_args()
-    defaults = (1000, 200, 1000, 1) if args.quick else (3000, 500, 10_000, 3)
+    defaults = (QUICK_MESSAGES, 200, 1000, 1) if args.quick else (DEFAULT_MESSAGES, 500, 10_000, 3)
     for name, default in zip(("messages", "warmup", "idle", "rounds"), defaults, strict=True):
         if getattr(args, name) is None:
             setattr(args, name, default)
+    keys = args.shapes.split(",")
+    unknown = set(keys) - set(every_shape.split(","))
+    if unknown:
+        sys.exit(f"bench: unknown shape(s) {', '.join(unknown)}; known: {every_shape}")
+    shapes = [shape for shape in SHAPES if shape.key in keys]
+    counts = {shape.key: message_count(shape, args.messages) for shape in shapes}
+    if IDLE_SHAPE not in keys:
+        args.idle = 0
     for tool in ("smtp-source", "smtp-sink", "postfix"):
         if shutil.which(tool, path=f"/usr/sbin:{os.environ['PATH']}") is None:
             sys.exit(f"bench: {tool} not found: apt-get install postfix "
@@ -546,16 +733,16 @@ def main() -> int:
         args.idle = fd_limit - 200
 
     print(f"bench: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; "
-          f"{args.rounds} rounds of {args.messages} messages, {args.idle} idle connections",
-          flush=True)
+          f"{args.rounds} rounds of "
+          + (", ".join(f"{shape.key} {counts[shape.key]}" for shape in shapes) or "nothing")
+          + f" messages; {args.idle} idle connections", flush=True)
     idle: dict[str, IdleResult] = {}
     with tempfile.TemporaryDirectory(prefix="portcullis-bench-") as workdir:
         workdir = Path(workdir)
         workdir.chmod(0o755)
         starters = {
             "sink": ("smtp-sink directly", lambda: start_sink_target(workdir), False),
-            "postfix": ("Postfix postscreen+proxy", lambda: start_postfix_proxy(workdir),
-                        args.idle_peer),
+            "postfix": (PEER, lambda: start_postfix_proxy(workdir), args.idle_peer),
             "portcullis": ("Portcullis", lambda: start_portcullis(workdir, args.idle), True),
         }
         keys = args.targets.split(",")
@@ -577,9 +764,9 @@ def main() -> int:
                     print(f"\nNOT MEASURED: {name} is not runnable: {reason}", flush=True)
                     continue
                 print(f"{name}: started; warm-up with {args.warmup} messages", flush=True)
-                smtp_source(target, args.warmup, 20, timeout=300)
+                smtp_source(target, SHAPES[0], args.warmup, timeout=300)  # s20
                 running.append((target, idle_test))
-            results = measure_throughput([target for target, _ in running], args.messages,
+            results = measure_throughput([target for target, _ in running], shapes, counts,
                                          args.rounds)
             while running:
                 target, idle_test = running.pop(0)
@@ -593,7 +780,10 @@ def main() -> int:
         finally:
             for target, _ in running:
                 target.close()
-    print_report(results, idle)
+    if shapes and results:
+        print_throughput(results, shapes)
+    if idle:
+        print_idle(idle)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f} "
           "(other work on this machine makes every figure noisy)")
     return 0

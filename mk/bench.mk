@@ -1,5 +1,11 @@
 # Side-by-side benchmark: Portcullis against a Postfix before-queue proxy and a bare
 # smtp-sink, measured in the same run (bench/throughput.py). Not part of `make test`.
+# Load shapes, rounds alternating between shapes and targets: one 2 KiB message per
+# session at 20 (s20) and 100 (s100) sessions, 10 messages per session (reuse), 50
+# recipients per message (rcpt50), 1 MiB messages at 10 sessions (mib, also MB/s), and
+# silent connections held open (idle). It prints msgs/s median (min-max), the CPU time
+# per message of each target and of its relay sink, and peak memory.
+# BENCH_ARGS=--shapes=s20,mib runs some of them.
 # `make bench-memory`: gate PSS and evictions under 50,000 IPv6 clients (bench/ipv6_sources.py).
 # BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--quick`.
 .PHONY: bench bench-memory
