@@ -10,8 +10,10 @@ import socket
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@functools.lru_cache(maxsize=4096)
 def canonical(address: str) -> IPAddress:
-    """The address, with IPv4-mapped IPv6 (::ffff:192.0.2.1) written as IPv4."""
+    """The address, with IPv4-mapped IPv6 (::ffff:192.0.2.1) written as IPv4; remembered,
+    since every connection and message asks for its client's."""
     ip = ipaddress.ip_address(address)
     if ip.version == 6 and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
@@ -39,6 +41,12 @@ def client_of(address: str, ipv6_bits: int) -> str:
     if ip.version == 4 or ipv6_bits == 128:
         return str(ip)
     return str(ipaddress.ip_network((ip, ipv6_bits), strict=False))
+
+
+@functools.lru_cache(maxsize=4096)
+def is_public(address: str) -> bool:
+    """Whether an address is globally routable (neither private, loopback nor reserved)."""
+    return canonical(address).is_global
 
 
 # <linux/in.h> and <linux/in6.h>; Python's socket module names neither.

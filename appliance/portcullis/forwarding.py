@@ -13,6 +13,8 @@ version and cipher travel in the Received header only.
 
 from __future__ import annotations
 
+import functools
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from email.utils import format_datetime
@@ -23,6 +25,7 @@ UNAVAILABLE = "[UNAVAILABLE]"
 MAX_VALUE = 255  # octets of an attribute value, as Postfix accepts (the READMEs' note 1)
 MAX_COMMAND = 512  # octets of a command line with its CRLF (RFC 5321 4.5.3.1.4)
 MAX_HEADER_LINE = 78  # RFC 5322 2.1.1: fold at this length where possible
+_XTEXT_SPECIAL = frozenset(" +=")  # printable ASCII that xtext encodes
 _NEUTERED = set(' <>()\\";@')  # as Postfix's NEUTER_CHARACTERS: would break the header
 
 
@@ -38,6 +41,8 @@ class ClientFacts:
 
 def xtext(value: str) -> str:
     """RFC 3461 4: "+", "=" and octets outside "!".."~" become "+" and two hex digits."""
+    if value.isascii() and value.isprintable() and not _XTEXT_SPECIAL.intersection(value):
+        return value  # the usual case: nothing to encode
     return "".join(chr(octet) if 33 <= octet <= 126 and octet not in b"+=" else f"+{octet:02X}"
                    for octet in value.encode("utf-8"))
 
@@ -69,7 +74,7 @@ def choose(mode: str, extensions: dict[str, str]) -> str | None:
     return None
 
 
-def commands(verb: str, offered: str, client: ClientFacts) -> list[str]:
+def commands(verb: str, offered: str, client: ClientFacts) -> tuple[str, ...]:
     """The XCLIENT or XFORWARD lines (without CRLF) that state `client`, with the
     attributes the backend offered, split so that no line exceeds MAX_COMMAND."""
     names = offered.upper().split()
@@ -81,7 +86,7 @@ def commands(verb: str, offered: str, client: ClientFacts) -> list[str]:
         if len(lines[-1]) + len(word) + 2 > MAX_COMMAND:
             lines.append(verb)
         lines[-1] += word
-    return [line for line in lines if line != verb]
+    return tuple(line for line in lines if line != verb)
 
 
 def _neutered(text: str) -> str:
@@ -109,7 +114,7 @@ def received_header(client: ClientFacts, hostname: str, session_id: str,
         clauses.append(f"(using {client.tls})")
     clauses += [f"by {hostname} (Portcullis)",
                 f"with {protocol}" + (f" id {session_id};" if session_id else ";"),
-                format_datetime(when or datetime.now().astimezone())]
+                format_datetime(when) if when else _date_of(int(time.time()))]
     lines = ["Received:"]
     for clause in clauses:
         for unit in [clause] if len(clause) < MAX_HEADER_LINE else clause.split(" "):
@@ -118,3 +123,9 @@ def received_header(client: ClientFacts, hostname: str, session_id: str,
             else:
                 lines[-1] += " " + unit
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+@functools.lru_cache(maxsize=2)
+def _date_of(second: int) -> str:
+    """The RFC 5322 date of a Unix second in local time, remembered: many messages a second."""
+    return format_datetime(datetime.fromtimestamp(second).astimezone())

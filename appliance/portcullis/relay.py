@@ -41,6 +41,10 @@ log = logging.getLogger("portcullis.relay")
 BACKEND_DOWN = Reply(451, "4.4.1", "Mail server temporarily unavailable, try later")
 BACKEND_FAILED_DATA = Reply(451, "4.4.2", "Mail server connection failed, message not accepted, try later")
 _DATA_FAILED = BACKEND_FAILED_DATA, "BACKEND_DOWN"
+# Message content goes to the backend once per read from the client (flush()), or
+# sooner when this much is held; the last of it with the final dot. A small message
+# sent at once is one write: header, content and dot together.
+DATA_WRITE_SIZE = 64 * 1024
 
 
 class RelayTransaction:
@@ -57,6 +61,8 @@ class RelayTransaction:
         self._refusal: tuple[Reply, str] | None = None  # for every later RCPT and DATA
         self._open = False  # the backend has a transaction that RSET must end
         self._in_data = False  # the backend said 354 and awaits the final dot
+        self._unsent: list[bytes] = []  # content held back to go out with what follows
+        self._unsent_size = 0
 
     async def add_recipient(self, address: str) -> tuple[Reply, str]:
         """The backend's answer for one recipient that passed local policy, and a label."""
@@ -91,7 +97,7 @@ class RelayTransaction:
             return self._lose(str(e))
         if reply.code == 354:
             self._in_data = True
-            await self._pass_on(self.trace)
+            self._hold(self.trace)
             return reply, ""
         if reply.code == 421 or reply.is_positive:
             return self._lose(f"DATA answered {reply}")
@@ -100,15 +106,30 @@ class RelayTransaction:
     async def send(self, chunk: bytes) -> None:
         """Pass message content on; after a failure, drop it (finish() then says 451)."""
         self.size += len(chunk)
-        await self._pass_on(chunk)
-
-    async def _pass_on(self, data: bytes) -> None:
         if not self._in_data:
             return
+        self._hold(chunk)
+        if self._unsent_size >= DATA_WRITE_SIZE:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Pass on the content held so far: the session calls this before it waits for
+        the client, so nothing waits on the gate, and a reply the backend gives out of
+        turn can be seen before the final dot."""
+        if not self._unsent:
+            return
         try:
-            await self._connection.send_data(data)
+            await self._connection.send_data(self._take_unsent())
         except BackendUnavailable as e:
             self._lose(str(e))
+
+    def _hold(self, data: bytes) -> None:
+        self._unsent.append(data)
+        self._unsent_size += len(data)
+
+    def _take_unsent(self) -> bytes:
+        unsent, self._unsent, self._unsent_size = self._unsent, [], 0
+        return b"".join(unsent)
 
     async def finish(self) -> tuple[Reply, str]:
         """Write the final dot. The backend's answer is the client's, unless it is unsure."""
@@ -116,7 +137,7 @@ class RelayTransaction:
             return _DATA_FAILED
         self._in_data = False
         try:
-            reply = await self._connection.end_data()
+            reply = await self._connection.end_data(self._take_unsent())
         except BackendUnavailable as e:
             return self._lose(str(e), answer=_DATA_FAILED)
         if reply.code == 421 or 300 <= reply.code < 400:
@@ -155,5 +176,6 @@ class RelayTransaction:
             self._connection.abort()
             self._connection = None
         self._open = self._in_data = False
+        self._take_unsent()  # dropped
         self._refusal = BACKEND_DOWN, "BACKEND_DOWN"
         return answer or self._refusal

@@ -134,6 +134,8 @@ class Session:
             event = core.next_event()
             if event is smtp.NEED_DATA:
                 await self._flush()
+                if self.transaction is not None and core.state is smtp.State.DATA:
+                    await self.transaction.relay.flush()
                 core.receive_data(await self._read())
                 continue
             if isinstance(event, smtp.Closed):
@@ -149,8 +151,7 @@ class Session:
         if timeout <= 0:
             raise SessionTimeout("SESSION_DEADLINE")
         try:
-            async with asyncio.timeout(timeout):
-                data = await self.connection.read()
+            data = await self.connection.read(timeout)
         except TimeoutError:
             raise SessionTimeout("SESSION_DEADLINE" if time.monotonic() >= self.deadline
                                  else "IDLE_TIMEOUT") from None

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 
+from .deadlines import deadlines
+
 READ_LIMIT = 1 << 16  # bytes buffered before reading from the socket pauses
 
 
@@ -72,13 +74,16 @@ class ByteStream(asyncio.Protocol):
     def is_closing(self) -> bool:
         return self.transport is None or self.transport.is_closing()
 
-    async def read(self) -> bytes:
-        """What arrived since the last read; b"" once the client closed its side."""
-        while not self._received and not self._eof:
-            self._data_waiter = asyncio.get_running_loop().create_future()
+    async def read(self, timeout: float) -> bytes:
+        """What arrived since the last read; b"" once the client closed its side.
+        TimeoutError when nothing arrives within `timeout` seconds (deadlines.py)."""
+        if not self._received and not self._eof:
+            waiter = self._data_waiter = asyncio.get_running_loop().create_future()
+            slot = deadlines.add(waiter, timeout)
             try:
-                await self._data_waiter
+                await waiter
             finally:
+                deadlines.remove(waiter, slot)
                 self._data_waiter = None
         data = bytes(self._received)
         self._received.clear()

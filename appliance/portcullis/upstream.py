@@ -123,10 +123,12 @@ class BackendConnection:
 
     async def read_reply(self, timeout: float) -> Reply:
         try:
-            async with asyncio.timeout(timeout):
-                reply = self._replies.next_reply()
+            reply = self._replies.next_reply()
+            if reply is None:
+                loop = asyncio.get_running_loop()
+                deadline = loop.time() + timeout
                 while reply is None:
-                    data = await self.stream.read()
+                    data = await self.stream.read(deadline - loop.time())
                     if not data:
                         raise self._fail("connection closed")
                     self._replies.feed(data)
@@ -146,7 +148,7 @@ class BackendConnection:
         return BackendUnavailable(f"{self.server}: {problem}")
 
     async def command(self, line: str, timeout: float | None = None) -> Reply:
-        self.stream.write(line.encode("ascii") + b"\r\n")
+        self.write(line.encode("ascii") + b"\r\n")
         return await self.read_reply(timeout or self.config.command_timeout)
 
     def expect(self, reply: Reply, code: int, step: str) -> None:
@@ -163,7 +165,7 @@ class BackendConnection:
             keyword, _, parameters = line.partition(" ")
             self.extensions[keyword.upper()] = parameters.upper()
 
-    async def introduce(self, client: ClientFacts | None) -> list[str]:
+    async def introduce(self, client: ClientFacts | None) -> tuple[str, ...]:
         """Tell the backend who the client of the next transaction is. XCLIENT is sent
         here: the backend starts a new session, 220, and wants the client's EHLO or
         HELO again (Postfix takes that name as the HELO, not XCLIENT's). XFORWARD
@@ -172,11 +174,11 @@ class BackendConnection:
         the backend does not offer is a fault: its client rules must not be bypassed."""
         mode = self.config.forward_client
         if client is None or mode == "off":
-            return []
+            return ()
         verb = forwarding.choose(mode, self.extensions)
         if verb is None:
             if mode == "auto":
-                return []
+                return ()
             raise self._fail(f"{mode.upper()} not offered (backend.forward_client: {mode})")
         lines = forwarding.commands(verb, self.extensions[verb], client)
         if verb == "XFORWARD":
@@ -187,11 +189,11 @@ class BackendConnection:
             await self.hello(client.helo)
         else:  # HELO keeps PROTO=SMTP (EHLO would make it ESMTP); the extensions stay
             self.expect(await self.command(f"HELO {client.helo}"), 250, "HELO")
-        return []
+        return ()
 
     async def send_data(self, data: bytes) -> None:
         """Write message content; wait while the backend's socket buffer is full."""
-        self.stream.write(data)
+        self.write(data)
         if self.stream.write_buffer_size > 256 * 1024:
             try:
                 async with asyncio.timeout(self.config.data_timeout):
@@ -199,15 +201,19 @@ class BackendConnection:
             except (TimeoutError, ConnectionError) as e:
                 raise self._fail(f"stalled during DATA ({e!r})") from None
 
-    async def end_data(self) -> Reply:
-        """Write the final dot; the backend's answer to the whole message. A reply that
-        came before the dot answers something else, so it makes the message fail."""
+    async def end_data(self, content: bytes = b"") -> Reply:
+        """Write the rest of the content and the final dot, in one write; the backend's
+        answer to the whole message. A reply that came before the dot answers something
+        else, so it makes the message fail."""
         if self._said_out_of_turn:
             raise self._fail("replied during DATA, before the final dot")
-        self.stream.write(b".\r\n")
+        self.write(content + b".\r\n")
         return await self.read_reply(self.config.data_timeout)
 
     def write(self, data: bytes) -> None:
+        """Send bytes; BackendUnavailable when the backend has closed the connection."""
+        if self.stream.is_closing:
+            raise self._fail("connection closed")
         self.stream.write(data)
 
     def abort(self) -> None:

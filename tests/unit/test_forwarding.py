@@ -67,10 +67,10 @@ def test_choose(mode, extensions, chosen):
 
 
 def test_commands_send_every_offered_attribute_in_one_line():
-    assert commands("XFORWARD", POSTFIX_XFORWARD, CLIENT) == [
-        "XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40123 PROTO=ESMTP HELO=client.example"]
-    assert commands("XCLIENT", "name addr", CLIENT) == [
-        "XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7"]  # only what the backend offered
+    assert commands("XFORWARD", POSTFIX_XFORWARD, CLIENT) == (
+        "XFORWARD NAME=[UNAVAILABLE] ADDR=192.0.2.7 PORT=40123 PROTO=ESMTP HELO=client.example",)
+    assert commands("XCLIENT", "name addr", CLIENT) == (
+        "XCLIENT NAME=[UNAVAILABLE] ADDR=192.0.2.7",)  # only what the backend offered
 
 
 def test_commands_split_to_stay_within_the_command_line_limit():

@@ -13,11 +13,11 @@ which the harvest defence turns into tarpit, tempfail or ban.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from ..addresses import is_public
 from ..config import Config
 from ..smtp import commands
 from ..smtp.replies import Reply
@@ -69,7 +69,7 @@ class PolicyChain:
             self.score.add(Signal.PREGREET)
         # Private, loopback and allowlisted addresses have no public DNS reputation.
         self._client_checks: asyncio.Future | None = None
-        if not client.allowlisted and ipaddress.ip_address(client.ip).is_global:
+        if not client.allowlisted and is_public(client.ip):
             self._client_checks = asyncio.ensure_future(dns.check_client(client.ip))
         self._client_refusal: tuple[Reply, str] | None = None  # for every RCPT
         self.client_name = ""  # forward-confirmed reverse DNS name, known after judge_mail

@@ -26,9 +26,10 @@ import dns.nameserver
 import dns.resolver
 import dns.reversename
 
+from ..addresses import IPAddress, canonical
 from ..config import DnsChecks, DnsListSite
 from .findings import Action, Finding
-from .helo import IPAddress, check_helo, normalized_address
+from .helo import check_helo
 from .score import Signal
 
 MAX_PTR_NAMES = 5  # forward-checked names per client; more is a misconfiguration or abuse
@@ -83,7 +84,7 @@ class DnsChecker:
     async def check_client(self, client_ip: str) -> ClientChecks:
         """Run FCrDNS and the DNS lists concurrently: their findings, in that order, and
         the client's verified name."""
-        address = normalized_address(client_ip)
+        address = canonical(client_ip)
         fcrdns = self.check_fcrdns(address) if self._fcrdns_action is not None else None
         dns_lists = (self.check_dns_lists(address)
                      if self._dnsbl_action is not None and self._zones else None)

@@ -9,15 +9,15 @@ numeric, and `999.1.1.1` is a malformed address rather than a name.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
 
+from ..addresses import IPAddress, canonical
 from ..config import HeloChecks
 from .findings import Action, Finding
 from .score import Signal
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\Z")
 MAX_NAME_LENGTH = 253  # RFC 1035: 255 octets in wire form
@@ -38,8 +38,8 @@ def check_helo(name: str, client_ip: str, own_names: Iterable[str], own_addrs: I
         if action is not None:
             findings.append(Finding(label, action, Signal.BAD_HELO, detail))
 
-    client = normalized_address(client_ip)
-    ours = {normalized_address(address) for address in own_addrs}
+    client = canonical(client_ip)
+    ours = {canonical(address) for address in own_addrs}
     client_is_us = client.is_loopback or client in ours
 
     if name.startswith("["):
@@ -47,7 +47,7 @@ def check_helo(name: str, client_ip: str, own_names: Iterable[str], own_addrs: I
         if literal is None:
             found("syntax", "HELO_SYNTAX", f"'{name}' is not a valid address literal")
             return findings
-        literal = normalized_address(literal)
+        literal = canonical(literal)
         if literal != client and literal in ours and not client_is_us:
             found("ours", "HELO_OURS", f"'{name}' is this gateway's address")
         elif literal != client:
@@ -58,7 +58,7 @@ def check_helo(name: str, client_ip: str, own_names: Iterable[str], own_addrs: I
     bare = _ip_address(name)
     if bare is not None:
         found("bare_ip", "HELO_BARE_IP", f"'{name}' is an address without [brackets]")
-        if normalized_address(name) in ours and not client_is_us:
+        if canonical(name) in ours and not client_is_us:
             found("ours", "HELO_OURS", f"'{name}' is this gateway's address")
         return findings
 
@@ -93,14 +93,7 @@ def parse_address_literal(text: str) -> IPAddress | None:
     return address if isinstance(address, ipaddress.IPv4Address) else None
 
 
-def normalized_address(text: str | IPAddress) -> IPAddress:
-    """An IP address, with IPv4-mapped IPv6 (::ffff:192.0.2.1) as the IPv4 address."""
-    address = ipaddress.ip_address(text)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
-
-
+@functools.lru_cache(maxsize=4096)
 def _ip_address(text: str) -> IPAddress | None:
     try:
         return ipaddress.ip_address(text)

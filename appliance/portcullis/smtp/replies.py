@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -10,6 +10,14 @@ class Reply:
     code: int
     enhanced: str = ""
     text: str = ""
+    _wire: bytes = field(default=b"", init=False, repr=False, compare=False)
+
+    @property
+    def wire(self) -> bytes:
+        """encode(), worked out once: most replies are constants sent many times."""
+        if not self._wire:
+            object.__setattr__(self, "_wire", self.encode())
+        return self._wire
 
     @property
     def is_positive(self) -> bool:

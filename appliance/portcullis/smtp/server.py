@@ -95,7 +95,7 @@ class SmtpServer:
         self._queue(reply)
 
     def _queue(self, reply: Reply) -> None:
-        self._out += reply.encode()
+        self._out += reply.wire
         self.last_reply = reply
 
     @property

@@ -34,6 +34,10 @@ class State(enum.Enum):
     TLS_HANDSHAKE = "tls"  # 220 sent for STARTTLS, waiting for the handshake
     CLOSED = "closed"
 
+    # Members are singletons: hash by identity, in C, not by name in Python as Enum
+    # does; every command looks its state up in the tables below.
+    __hash__ = object.__hash__
+
 
 # (state, event type) -> state after a positive (2xx/3xx) reply.
 # A negative reply leaves the state as it was.
