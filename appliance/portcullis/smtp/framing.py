@@ -69,6 +69,9 @@ class MessageLines:
     DATA ends only at CRLF.CRLF, so no second message can be smuggled inside.
     """
 
+    # Below this many octets in the buffer (a few lines) the line loop is as quick.
+    fast_path_min = 512
+
     def __init__(self, max_line: int, max_size: int):
         self.max_line = max_line
         self.max_size = max_size
@@ -81,6 +84,54 @@ class MessageLines:
         self._line_start = True  # the next byte starts a line
 
     def next_chunk(self, buf: bytearray) -> bytes | MessageEnd | Problem | None:
+        """Whole valid lines as one chunk, MessageEnd, Problem.BARE_LF, or None until
+        more arrives."""
+        if len(buf) >= self.fast_path_min and self.problem is None and self._line_start:
+            chunk = self._clean_lines(buf)
+            if chunk is not None:
+                return chunk
+        return self._next_chunk_by_lines(buf)
+
+    def _clean_lines(self, buf: bytearray) -> bytes | None:
+        """The chunk `_next_chunk_by_lines` would return, found with a few whole-buffer
+        bytes operations instead of a loop per line; None whenever there is any doubt.
+
+        Only for a clean stretch of lines: every line break CRLF, every line (CRLF
+        included, a stuffed dot not discounted) within max_line, the size within
+        max_size, and any partial line after it short enough to wait for.
+        """
+        if buf.startswith(b".\r\n"):
+            return None  # the end of message: the line loop reports it
+        end = buf.rfind(b"\n") + 1  # after the last whole line
+        if end == 0:
+            return None
+        final_dot = -1
+        dots = int(buf[0] == 46)  # lines that start with a (stuffed) dot
+        first = buf.find(b"\r\n.", 0, end)  # in clean lines, every LF. is a CRLF.
+        if first >= 0:
+            final_dot = buf.find(b"\r\n.\r\n", first, end)
+            if final_dot >= 0:
+                end = final_dot + 2  # the final dot stays in the buffer
+            dots += buf.count(b"\r\n.", first, end)
+        if final_dot < 0 and len(buf) - end > self.max_line:
+            return None  # a partial line already too long
+        with memoryview(buf) as view:
+            chunk = bytes(view[:end])
+        lines = chunk.splitlines()  # breaks at CRLF, and at a bare CR or LF
+        if sum(map(len, lines)) + 2 * len(lines) != end:
+            return None  # some break is a bare CR or LF
+        if max(map(len, lines)) + 2 > self.max_line:
+            return None
+        size = self.size + end - dots
+        if size > self.max_size:
+            return None
+        self.size = size
+        del buf[:end]
+        return chunk
+
+    def _next_chunk_by_lines(self, buf: bytearray) -> bytes | MessageEnd | Problem | None:
+        """The reference framing, a line at a time; `next_chunk` gives the same results
+        and leaves the same state for every input."""
         limit = self.max_line
         start = 0
         end_of_message = False
