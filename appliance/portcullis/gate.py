@@ -1,16 +1,22 @@
-"""The gate process: listens, admits or refuses, and hands sockets to workers.
+"""The gate process: listens, admits or refuses, greets, and hands sockets to workers.
 
 Workers are separate processes (`portcullis worker`), each joined to the gate by a
 SOCK_SEQPACKET pair. The gate sends each admitted socket with SCM_RIGHTS and a
 small JSON header; a worker answers "done" when the session ends and ships its
 counters every second. The gate alone holds the per-client state, so the limits
 hold across workers, and it alone serves the metrics.
+
+The gate also sends the banner and holds the connection until the client's first
+command arrives, which it leaves unread for the worker (as postscreen holds a client
+until it passes). A client that never speaks costs a few hundred bytes here, and
+nothing in a worker, however many there are.
 """
 
 from __future__ import annotations
 
 import array
 import asyncio
+import functools
 import json
 import logging
 import secrets
@@ -27,6 +33,7 @@ from . import logs, tls
 from .addresses import canonical, listening_socket
 from .admission import ConnectionTable
 from .config import Config, ConfigError
+from .deadlines import deadlines
 from .firewall import BanClient
 from .metrics import Registry, Tally
 from .operator import StatusWriter
@@ -57,7 +64,7 @@ class Worker:
     waiting_to_write: bool = False
 
 
-@dataclass
+@dataclass(slots=True)
 class Connection:
     ip: str
     port: int
@@ -65,6 +72,7 @@ class Connection:
     started: float  # Unix time of the accept
     counted: bool = False  # counted against the per-client caps (not allowlisted)
     worker: Worker | None = None
+    silence: asyncio.Future | None = None  # fails when a greeted client says nothing
 
 
 @dataclass
@@ -94,8 +102,14 @@ class Gate:
         self.bans = BanClient(self.config.ban_socket) if self.config.ban_socket else None
         self.dha = self._dha_engine(self.config)
         self.refusals = logs.RateLimitedLines(log)  # a flood must not flood the journal
+        self._set_greeting(self.config)
         self.registry.worker_usage.pids = lambda: [w.process.pid for w in self.workers
                                                    if w.process.poll() is None]
+
+    def _set_greeting(self, config: Config) -> None:
+        """The banner, and the reply to a client silent after it (as a session's)."""
+        self.banner = f"220 {config.hostname} ESMTP\r\n".encode()
+        self.reply_timeout = f"421 4.4.2 {config.hostname} Timeout, closing connection\r\n".encode()
 
     def _dha_engine(self, config: Config) -> DhaEngine:
         return DhaEngine(config, self.store, self.bans.request_ban if self.bans else None)
@@ -170,6 +184,7 @@ class Gate:
             log.warning("listen addresses changed; they take effect on restart")
         self.config, self.dha = new, dha
         self.table.configure(new)
+        self._set_greeting(new)
         self.registry.certificate(tls.certificate_expiry(new.tls, new.hostname))
         self.generation += 1
         for worker in self.workers:
@@ -281,7 +296,7 @@ class Gate:
         if not allowlisted and table.needs_pregreet(ip, now):
             self._pregreet(sock, connection_id)
         else:
-            self._dispatch(sock, connection_id)
+            self._greet(sock, connection_id)
 
     def _refuse(self, sock: socket.socket, connection: Connection, reply: bytes,
                 label: str) -> None:
@@ -319,10 +334,45 @@ class Gate:
         def waited() -> None:
             self.loop.remove_reader(fd)
             self.table.pregreet_pass(connection.ip, time.monotonic())
-            self._dispatch(sock, connection_id)
+            self._greet(sock, connection_id)
 
         self.loop.add_reader(fd, talked)
         timer = self.loop.call_later(self.config.limits.pregreet_delay, waited)
+
+    def _greet(self, sock: socket.socket, connection_id: int) -> None:
+        """Send the banner, then wait for the client's first bytes without reading them;
+        one that stays silent for the command timeout is told so and closed."""
+        connection = self.connections[connection_id]
+        try:
+            sock.send(self.banner)
+        except OSError:  # gone already
+            self._closed(connection_id)
+            self._refuse(sock, connection, b"", "HANGUP")
+            return
+        limits = self.config.limits
+        timeout = limits.stress_command_timeout if self.table.stressed else limits.command_timeout
+        silence = connection.silence = self.loop.create_future()
+        slot = deadlines.add(silence, timeout)
+        silence.add_done_callback(functools.partial(self._silent, sock, connection_id))
+        self.loop.add_reader(sock.fileno(), self._spoke, sock, connection_id, slot)
+
+    def _spoke(self, sock: socket.socket, connection_id: int, slot: int) -> None:
+        """The client's first bytes (or its close) arrived: on to a worker, unread."""
+        self.loop.remove_reader(sock.fileno())
+        connection = self.connections[connection_id]
+        deadlines.remove(connection.silence, slot)
+        connection.silence.cancel()
+        connection.silence = None
+        self._dispatch(sock, connection_id)
+
+    def _silent(self, sock: socket.socket, connection_id: int, silence: asyncio.Future) -> None:
+        if silence.cancelled():  # it spoke
+            return
+        self.loop.remove_reader(sock.fileno())
+        connection = self.connections[connection_id]
+        connection.silence = None
+        self._closed(connection_id)
+        self._refuse(sock, connection, self.reply_timeout, "IDLE_TIMEOUT")
 
     def _dispatch(self, sock: socket.socket, connection_id: int) -> None:
         connection = self.connections[connection_id]

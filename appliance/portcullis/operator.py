@@ -75,6 +75,7 @@ class StatusWriter:
                          "alive": w.process.poll() is None, "active": w.active}
                         for w in gate.workers],
             "active_connections": gate.table.total,
+            "awaiting_first_command": sum(c.silence is not None for c in gate.connections.values()),
             "stress": gate.table.stressed,
             "store_write_errors": getattr(gate.store, "write_errors", 0),
         }
@@ -135,6 +136,7 @@ def status(config: Config) -> str:
     lines += [f"  worker {w['number']}: pid {w['pid']}, {'alive' if w['alive'] else 'dead'}, "
               f"{w['active']} active connections" for w in workers]
     lines += [f"active connections: {facts['active_connections']}",
+              f"  greeted, awaiting a first command: {facts.get('awaiting_first_command', 0)}",
               f"stress mode: {'on' if facts['stress'] else 'off'}"]
     timeout = min(config.backend.connect_timeout, PROBE_TIMEOUT)
     lines += [f"backend {server}: {probe_backend(server, config.backend, timeout)}"

@@ -77,10 +77,13 @@ class Transaction:
 
 class Session:
     def __init__(self, services: Services, connection: ByteStream, client: Client,
-                 session_id: str = "", accepted: float | None = None):
+                 session_id: str = "", accepted: float | None = None, greeted: bool = False):
+        """`greeted`: the gate sent the banner already (gate.py), `accepted` seconds
+        (Unix time) ago; the session's time limits count from then."""
         self.services = services
         self.id = session_id  # the gate's, in this session's log line
         self.accepted = accepted or time.time()  # Unix time the gate accepted the connection
+        self.greeted = greeted
         self.config = services.config
         self.connection = connection
         self.client = client
@@ -91,7 +94,7 @@ class Session:
         )
         self.policy = PolicyChain(self.config, services.dha, services.dns,
                                   services.recipients, client, self._reason)
-        self.started = time.monotonic()
+        self.started = time.monotonic() - max(0.0, time.time() - self.accepted)
         limits = self.config.limits
         self.deadline = self.started + limits.session_timeout
         self.idle_timeout = (
@@ -109,7 +112,11 @@ class Session:
 
     async def run(self) -> None:
         try:
-            self.core.send(Reply(220, "", f"{self.config.hostname} ESMTP"))
+            banner = Reply(220, "", f"{self.config.hostname} ESMTP")
+            if self.greeted:
+                self.core.last_reply = banner
+            else:
+                self.core.send(banner)
             await self._serve()
         except SessionTimeout as timeout:
             self._reason(timeout.label)

@@ -132,7 +132,8 @@ class WorkerProcess:
             client = Client(info["ip"], info["port"], info["stress"], info["allowlisted"],
                             info["pregreet_failed"])
             await Session(self.services, connection, client,
-                          info.get("session", str(info["id"])), info.get("start")).run()
+                          info.get("session", str(info["id"])), info.get("start"),
+                          greeted=True).run()
         except Exception:  # one broken session must never take the worker down
             log.exception("session for %s failed", info.get("ip"))
             sock.close()

@@ -56,9 +56,8 @@ def test_done_reports_survive_a_full_control_socket(tmp_path):
                     accepted, _ = listener.accept()
                     _hand_over(gate_end, connection_id, accepted)
                     accepted.close()
-                    client.recv(1024)  # banner
-                    client.sendall(b"QUIT\r\n")
-                    client.recv(1024)
+                    client.sendall(b"QUIT\r\n")  # the gate sent the banner, not the worker
+                    assert client.recv(1024).startswith(b"221 ")
                 time.sleep(0.002)  # sessions end one by one: one report each
             done: set[int] = set()
             deadline = time.monotonic() + 20
