@@ -283,7 +283,6 @@ def start_portcullis(workdir: Path, idle: int, baseline: str = "") -> Target:
         "allowlist": [],
         "state_dir": str(workdir / f"{tag}-state"),
         "tls": {"enabled": False},
-        "reputation": {"store": "memory"},
         "limits": {
             "pregreet_delay": 0,
             "max_connections": caps,
@@ -371,7 +370,7 @@ def smtp_source(target: Target, shape: Shape, messages: int, timeout: float) -> 
     With several messages per session, smtp-source -d runs again and again, each time
     with sessions x per_session messages, until `messages` are sent.
     """
-    batch = shape.sessions * shape.per_session
+    batch = shape.sessions * shape.per_session if shape.per_session > 1 else messages
     sink = target.sink.process.pid
     before = target.sink.messages()
     peak, sent, error = 0, 0, ""

@@ -41,6 +41,7 @@ def check_config(args: argparse.Namespace) -> int:
 
 def serve(args: argparse.Namespace) -> int:
     import asyncio
+    import gc
 
     from .gate import Gate
 
@@ -49,6 +50,7 @@ def serve(args: argparse.Namespace) -> int:
     _event_loop_policy()
 
     async def main() -> None:
+        gc.freeze()  # what is loaded now lives as long as the process: never scan it
         await Gate(config, args.config).run()
 
     asyncio.run(main())
@@ -57,6 +59,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def worker(args: argparse.Namespace) -> int:
     import asyncio
+    import gc
     import socket
 
     from .worker import WorkerProcess
@@ -67,6 +70,7 @@ def worker(args: argparse.Namespace) -> int:
     control = socket.socket(fileno=args.control_fd)
 
     async def main() -> None:
+        gc.freeze()  # what is loaded now lives as long as the process: never scan it
         await WorkerProcess(config, args.config, control).run()
 
     asyncio.run(main())

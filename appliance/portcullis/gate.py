@@ -72,7 +72,7 @@ class Connection:
     started: float  # Unix time of the accept
     counted: bool = False  # counted against the per-client caps (not allowlisted)
     worker: Worker | None = None
-    silence: asyncio.Future | None = None  # fails when a greeted client says nothing
+    silence: functools.partial | None = None  # called if a greeted client says nothing
 
 
 @dataclass
@@ -292,7 +292,6 @@ class Gate:
                 return
         self.connections[connection_id] = connection
         table.opened(ip, connection.counted)
-        self.registry.active.set(table.total)
         if not allowlisted and table.needs_pregreet(ip, now):
             self._pregreet(sock, connection_id)
         else:
@@ -351,9 +350,8 @@ class Gate:
             return
         limits = self.config.limits
         timeout = limits.stress_command_timeout if self.table.stressed else limits.command_timeout
-        silence = connection.silence = self.loop.create_future()
+        silence = connection.silence = functools.partial(self._silent, sock, connection_id)
         slot = deadlines.add(silence, timeout)
-        silence.add_done_callback(functools.partial(self._silent, sock, connection_id))
         self.loop.add_reader(sock.fileno(), self._spoke, sock, connection_id, slot)
 
     def _spoke(self, sock: socket.socket, connection_id: int, slot: int) -> None:
@@ -361,13 +359,10 @@ class Gate:
         self.loop.remove_reader(sock.fileno())
         connection = self.connections[connection_id]
         deadlines.remove(connection.silence, slot)
-        connection.silence.cancel()
         connection.silence = None
         self._dispatch(sock, connection_id)
 
-    def _silent(self, sock: socket.socket, connection_id: int, silence: asyncio.Future) -> None:
-        if silence.cancelled():  # it spoke
-            return
+    def _silent(self, sock: socket.socket, connection_id: int) -> None:
         self.loop.remove_reader(sock.fileno())
         connection = self.connections[connection_id]
         connection.silence = None
@@ -423,7 +418,6 @@ class Gate:
         if connection.worker is not None:
             connection.worker.active -= 1
         self.table.closed(connection.ip, connection.counted)
-        self.registry.active.set(self.table.total)
 
     async def _housekeeping(self) -> None:
         evictions = Tally()
@@ -436,6 +430,7 @@ class Gate:
             evictions.evicted(self.table.take_evictions())
             evictions.evicted(self.dha.take_evictions())
             self.registry.merge(evictions.drain())
+            self.registry.active.set(self.table.total)
             self.registry.stress.set(1 if self.table.stressed else 0)
             self.refusals.flush()
 

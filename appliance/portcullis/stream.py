@@ -78,12 +78,12 @@ class ByteStream(asyncio.Protocol):
         """What arrived since the last read; b"" once the client closed its side.
         TimeoutError when nothing arrives within `timeout` seconds (deadlines.py)."""
         if not self._received and not self._eof:
-            waiter = self._data_waiter = asyncio.get_running_loop().create_future()
-            slot = deadlines.add(waiter, timeout)
+            self._data_waiter = asyncio.get_running_loop().create_future()
+            slot = deadlines.add(self._time_out, timeout)
             try:
-                await waiter
+                await self._data_waiter
             finally:
-                deadlines.remove(waiter, slot)
+                deadlines.remove(self._time_out, slot)
                 self._data_waiter = None
         data = bytes(self._received)
         self._received.clear()
@@ -127,6 +127,10 @@ class ByteStream(asyncio.Protocol):
 
     def abort(self) -> None:
         self.transport.abort()
+
+    def _time_out(self) -> None:
+        if self._data_waiter is not None and not self._data_waiter.done():
+            self._data_waiter.set_exception(TimeoutError())
 
     def _wake_reader(self) -> None:
         if self._data_waiter is not None and not self._data_waiter.done():

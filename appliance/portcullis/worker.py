@@ -25,6 +25,9 @@ from .upstream import BackendPool
 log = logging.getLogger("portcullis.worker")
 
 REPORT_INTERVAL = 1.0
+# Sessions that end within this long of each other are reported "done" together: one
+# message to the gate (and one wake-up of it) per batch, not per session, under load.
+DONE_BATCH_DELAY = 0.005
 SHUTDOWN_GRACE = 10.0
 MAX_DONE_PER_REPORT = 2000  # keeps a report well inside the gate's 64 KiB read
 
@@ -140,7 +143,7 @@ class WorkerProcess:
         finally:
             # The gate's per-client counts wait for this; batch what ends together.
             if not self.done:
-                self.loop.call_soon(self._report)
+                self.loop.call_later(DONE_BATCH_DELAY, self._report)
             self.done.append(info["id"])
 
     async def _report_periodically(self) -> None:

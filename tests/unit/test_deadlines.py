@@ -1,8 +1,9 @@
-"""Shared deadline slots: a waiter fails with TimeoutError after its timeout, never
-before it and at most one slot late; a waiter removed in time never fails; waiters
-whose deadlines share a slot share one timer."""
+"""Shared deadline slots: an expiry is called after its timeout, never before it and
+at most one slot late; one removed in time is never called; expiries whose deadlines
+share a slot share one timer."""
 
 import asyncio
+import functools
 
 import pytest
 from portcullis.deadlines import RESOLUTION, Deadlines
@@ -12,7 +13,7 @@ async def wait_for_expiry(deadlines: Deadlines, timeout: float) -> float:
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
     started = loop.time()
-    deadlines.add(waiter, timeout)
+    deadlines.add(functools.partial(waiter.set_exception, TimeoutError()), timeout)
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(waiter, 5)  # a waiter never failed shows as 5 s
     return loop.time() - started
@@ -29,8 +30,9 @@ def test_a_removed_waiter_is_forgotten_and_never_fails():
         deadlines = Deadlines()
         loop = asyncio.get_running_loop()
         kept, removed = loop.create_future(), loop.create_future()
-        deadlines.add(kept, 0.1)
-        deadlines.remove(removed, deadlines.add(removed, 0.1))
+        deadlines.add(functools.partial(kept.set_exception, TimeoutError()), 0.1)
+        expire = functools.partial(removed.set_result, None)
+        deadlines.remove(expire, deadlines.add(expire, 0.1))
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(kept, 5)
         await asyncio.sleep(2 * RESOLUTION)
@@ -44,13 +46,14 @@ def test_waiters_in_one_slot_share_one_timer():
     async def scenario():
         deadlines = Deadlines()
         loop = asyncio.get_running_loop()
-        waiters = {loop.create_future(): 0 for _ in range(1000)}
-        for waiter in waiters:
-            waiters[waiter] = deadlines.add(waiter, 1.0)
+        expiries = {functools.partial(loop.create_future().set_result, None): 0
+                    for _ in range(1000)}
+        for expire in expiries:
+            expiries[expire] = deadlines.add(expire, 1.0)
         timers = len(loop._scheduled)  # asyncio's own loop: its timer heap
-        for waiter, slot in waiters.items():
-            deadlines.remove(waiter, slot)
-        return set(waiters.values()), timers
+        for expire, slot in expiries.items():
+            deadlines.remove(expire, slot)
+        return set(expiries.values()), timers
 
     slots, timers = asyncio.run(scenario())
     assert len(slots) <= 2  # the clock may cross a slot boundary while adding
