@@ -140,7 +140,8 @@ class Session:
         while True:
             event = core.next_event()
             if event is smtp.NEED_DATA:
-                await self._flush()
+                if self._write_out():
+                    await self._drain()
                 if self.transaction is not None and core.state is smtp.State.DATA:
                     await self.transaction.relay.flush()
                 core.receive_data(await self._read())
@@ -174,16 +175,25 @@ class Session:
         if minimum and elapsed > 10 and self.bytes_in - self.bytes_before_data < minimum * elapsed:
             raise SessionTimeout("DATA_TOO_SLOW")
 
-    async def _flush(self) -> None:
+    def _write_out(self) -> bool:
+        """Write the replies queued; whether the client lags so far behind that the
+        session must wait for it (_drain) before it reads on."""
         out = self.core.data_to_send()
         if out:
             self.connection.write(out)
-            if self.connection.write_buffer_size > WRITE_BUFFER_LIMIT:
-                try:
-                    async with asyncio.timeout(self.idle_timeout):
-                        await self.connection.drain()
-                except TimeoutError:
-                    raise SessionTimeout("WRITE_TIMEOUT") from None
+            return self.connection.write_buffer_size > WRITE_BUFFER_LIMIT
+        return False
+
+    async def _drain(self) -> None:
+        try:
+            async with asyncio.timeout(self.idle_timeout):
+                await self.connection.drain()
+        except TimeoutError:
+            raise SessionTimeout("WRITE_TIMEOUT") from None
+
+    async def _flush(self) -> None:
+        if self._write_out():
+            await self._drain()
 
     # --- events ---------------------------------------------------------------
 

@@ -121,10 +121,12 @@ class PolicyChain:
             return self._client_refusal
         verdict = self._noted(self.dha.before_rcpt(self.client.ip, self.score))
         if verdict.reply is not None:
-            await _hold_until(arrived + verdict.delay)
+            if verdict.delay:
+                await _hold_until(arrived + verdict.delay)
             return verdict.reply, verdict.label
         lookup = await self.directory.lookup(address)
-        await _hold_until(arrived + verdict.delay)
+        if verdict.delay:
+            await _hold_until(arrived + verdict.delay)
         if lookup is Lookup.UNKNOWN:
             after = self._noted(self.dha.invalid_recipient(self.client.ip, self.score))
             return after.reply or UNKNOWN_RECIPIENT, "UNKNOWN_RCPT"

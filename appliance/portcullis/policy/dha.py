@@ -55,6 +55,7 @@ The session's side of the contract:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -132,6 +133,8 @@ class DhaEngine:
         self.clock = clock
         # address -> when last sent to the firewall
         self._pushed = BoundedTable(config.limits.max_tracked_clients)
+        # Every connection and RCPT asks who its client is: remember the answer.
+        self._client = functools.lru_cache(maxsize=4096)(self._client_of)
         self._next_purge = 0.0
 
     # -- the session's calls ---------------------------------------------------------
@@ -224,7 +227,7 @@ class DhaEngine:
 
     # -- internals -------------------------------------------------------------------
 
-    def _client(self, address: str) -> _Client:
+    def _client_of(self, address: str) -> _Client:
         ip = canonical(address)
         text = str(ip)
         return _Client(text, client_of(text, self.ipv6_client_prefix),
