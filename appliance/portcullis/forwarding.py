@@ -90,6 +90,8 @@ def commands(verb: str, offered: str, client: ClientFacts) -> tuple[str, ...]:
 
 
 def _neutered(text: str) -> str:
+    if text.isascii() and text.isprintable() and _NEUTERED.isdisjoint(text):
+        return text  # the usual case: nothing to neuter
     return "".join("?" if c in _NEUTERED or not "!" <= c <= "~" else c for c in text)
 
 
@@ -105,8 +107,7 @@ def received_header(client: ClientFacts, hostname: str, session_id: str,
 
     Without a verified name the TCP-info is the address literal alone, as RFC 5321
     4.4 has it. Every line starts with "Received:" or a tab, never with a dot."""
-    address = canonical(client.address)
-    literal = f"[IPv6:{address.compressed}]" if address.version == 6 else f"[{address}]"
+    literal = _address_literal(client.address)
     tcp_info = f"({_neutered(client.name)} {literal})" if client.name else f"({literal})"
     protocol = "ESMTPS" if client.tls else "ESMTP" if client.esmtp else "SMTP"
     clauses = [f"from {_neutered(client.helo) or 'unknown'} {tcp_info}"]
@@ -129,3 +130,10 @@ def received_header(client: ClientFacts, hostname: str, session_id: str,
 def _date_of(second: int) -> str:
     """The RFC 5322 date of a Unix second in local time, remembered: many messages a second."""
     return format_datetime(datetime.fromtimestamp(second).astimezone())
+
+
+@functools.lru_cache(maxsize=4096)
+def _address_literal(address: str) -> str:
+    """[192.0.2.1] or [IPv6:2001:db8::1], as RFC 5321 4.1.3 writes an address."""
+    ip = canonical(address)
+    return f"[IPv6:{ip.compressed}]" if ip.version == 6 else f"[{ip}]"
