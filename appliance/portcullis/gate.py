@@ -8,7 +8,7 @@ hold across workers, and it alone serves the metrics.
 
 The gate also sends the banner and holds the connection until the client's first
 command arrives, which it leaves unread for the worker (as postscreen holds a client
-until it passes). A client that never speaks costs a few hundred bytes here, and
+until it passes). A client that never speaks costs about 1.5 KiB here, and
 nothing in a worker, however many there are.
 """
 

@@ -81,7 +81,7 @@ BACKEND_REPLY = "backend_reply"
 RECIPIENT_LOOKUP = "recipient_lookup"
 HISTOGRAMS = {
     SESSION_DURATION: HistogramSpec(
-        "portcullis_session_duration_seconds", "SMTP sessions in workers, from hand-over to close",
+        "portcullis_session_duration_seconds", "SMTP sessions a worker served, from accept to close",
         (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)),
     BACKEND_REPLY: HistogramSpec(
         "portcullis_backend_reply_seconds",
