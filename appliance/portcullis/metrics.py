@@ -40,6 +40,8 @@ from .config import Backend, HostPort
 RELAYED = "relayed"
 RELAYED_BYTES = "relayed_bytes"
 BACKEND_ERRORS = "backend_errors"
+BACKEND_OPENED = "backend_opened"  # a message's backend transaction on a new connection
+BACKEND_REUSED = "backend_reused"  # ... on a pooled one
 SESSIONS = "sessions"
 DIRECTORY_CACHE_HITS = "directory_cache_hits"
 DIRECTORY_CACHE_MISSES = "directory_cache_misses"
@@ -265,6 +267,10 @@ class Registry:
         self.backend_errors = counter("portcullis_backend_errors",
                                       "Backend connections or replies that failed")
         self.sessions = counter("portcullis_sessions", "SMTP sessions served by workers")
+        self.backend_opened = counter("portcullis_backend_connections_opened",
+                                      "Backend transactions begun on a new connection")
+        self.backend_reused = counter("portcullis_backend_connections_reused",
+                                      "Backend transactions begun on a pooled connection")
         self.directory_cache_hits = counter("portcullis_directory_cache_hits",
                                             "Recipient lookups answered from the cache")
         self.directory_cache_misses = counter("portcullis_directory_cache_misses",
@@ -299,6 +305,8 @@ class Registry:
             RELAYED: self.relayed,
             RELAYED_BYTES: self.relayed_bytes,
             BACKEND_ERRORS: self.backend_errors,
+            BACKEND_OPENED: self.backend_opened,
+            BACKEND_REUSED: self.backend_reused,
             SESSIONS: self.sessions,
             DIRECTORY_CACHE_HITS: self.directory_cache_hits,
             DIRECTORY_CACHE_MISSES: self.directory_cache_misses,

@@ -74,6 +74,8 @@ class RelayTransaction:
                 if sender.size is not None:  # the backend gets the header too
                     sender = dataclasses.replace(sender, size=sender.size + len(self.trace))
                 self._connection, mail, reply = await self.pool.begin(sender, address, self.client)
+                self.tally.add(metrics.BACKEND_REUSED if self._connection.transactions > 1
+                               else metrics.BACKEND_OPENED)
                 if mail.code == 421 or (mail.is_positive and mail.code != 250):
                     return self._lose(f"MAIL answered {mail}")
                 if not mail.is_positive:

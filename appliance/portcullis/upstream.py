@@ -104,6 +104,7 @@ class BackendConnection:
         self.config = config
         self.extensions: dict[str, str] = {}  # EHLO keyword -> its parameters
         self.idle_since = 0.0
+        self.transactions = 0  # begun on it: more than one means the pool reused it
         self.broken = False
         self._replies = ReplyReader()
 
@@ -307,10 +308,12 @@ class BackendPool:
                 mail_reply, rcpt_reply = await self._mail_and_rcpt(
                     connection, sender, recipient, client)
                 if mail_reply.code != 421:
+                    connection.transactions += 1
                     return connection, mail_reply, rcpt_reply
             except BackendUnavailable:
                 pass
         connection = await self._connect()
+        connection.transactions += 1
         return (connection, *await self._mail_and_rcpt(connection, sender, recipient, client))
 
     async def _mail_and_rcpt(self, connection: BackendConnection, sender: MailFrom,

@@ -218,3 +218,28 @@ def test_endpoint_health_and_lint(tmp_path):
     finally:
         if running:
             backend.stop()
+
+
+def test_the_backend_pools_hit_rate_is_counted(postfix_backend, tmp_path):
+    """Messages in a row through one worker: the first opens a backend connection, the
+    next ones begin on it again (the pool keeps it for 2 s), and the counters say so."""
+    with GateProcess(tmp_path, f"127.0.0.1:{postfix_backend.port}", workers=1,
+                     metrics={"listen": f"127.0.0.1:{free_port()}"}) as gate:
+        listen = gate.settings["metrics"]["listen"]
+
+        def counters() -> tuple[float, float]:
+            with urllib.request.urlopen(f"http://{listen}/metrics", timeout=5) as response:
+                samples = {sample.name: sample.value for family in
+                           text_string_to_metric_families(response.read().decode())
+                           for sample in family.samples}
+            return (samples["portcullis_backend_connections_opened_total"],
+                    samples["portcullis_backend_connections_reused_total"])
+
+        for number in range(3):
+            with smtplib.SMTP("127.0.0.1", gate.port, local_hostname="client.test",
+                              timeout=30) as client:
+                client.sendmail("s@outside.test", ["alice@example.test"],
+                                f"Subject: pooled {number}\r\n\r\nhello\r\n")
+        wait_until(lambda: sum(counters()) == 3, 10, "the worker's counters")
+        assert counters() == (1, 2)
+    assert len(postfix_backend.wait_for("alice")) == 3
