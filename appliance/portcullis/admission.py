@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from .addresses import TokenBucket, client_of, prefix_of_text
 from .bounded import BoundedTable
 from .config import Config
+from .smtp import replies
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +55,8 @@ class ConnectionTable:
         self.reply_cap = f"421 4.7.0 {hostname} Too many connections, try later\r\n".encode()
         self.reply_rate = f"421 4.7.0 {hostname} Connection rate limit exceeded, try later\r\n".encode()
         self.reply_pregreet = f"554 5.5.1 {hostname} Protocol error: talked before the greeting\r\n".encode()
+        self.banner = replies.banner(hostname).wire
+        self.reply_timeout = replies.timed_out(hostname).wire
 
     # --- classification ---------------------------------------------------------
 

@@ -41,7 +41,7 @@ class ClientFacts:
 
 def xtext(value: str) -> str:
     """RFC 3461 4: "+", "=" and octets outside "!".."~" become "+" and two hex digits."""
-    if value.isascii() and value.isprintable() and not _XTEXT_SPECIAL.intersection(value):
+    if value.isascii() and value.isprintable() and _XTEXT_SPECIAL.isdisjoint(value):
         return value  # the usual case: nothing to encode
     return "".join(chr(octet) if 33 <= octet <= 126 and octet not in b"+=" else f"+{octet:02X}"
                    for octet in value.encode("utf-8"))

@@ -102,14 +102,8 @@ class Gate:
         self.bans = BanClient(self.config.ban_socket) if self.config.ban_socket else None
         self.dha = self._dha_engine(self.config)
         self.refusals = logs.RateLimitedLines(log)  # a flood must not flood the journal
-        self._set_greeting(self.config)
         self.registry.worker_usage.pids = lambda: [w.process.pid for w in self.workers
                                                    if w.process.poll() is None]
-
-    def _set_greeting(self, config: Config) -> None:
-        """The banner, and the reply to a client silent after it (as a session's)."""
-        self.banner = f"220 {config.hostname} ESMTP\r\n".encode()
-        self.reply_timeout = f"421 4.4.2 {config.hostname} Timeout, closing connection\r\n".encode()
 
     def _dha_engine(self, config: Config) -> DhaEngine:
         return DhaEngine(config, self.store, self.bans.request_ban if self.bans else None)
@@ -184,7 +178,6 @@ class Gate:
             log.warning("listen addresses changed; they take effect on restart")
         self.config, self.dha = new, dha
         self.table.configure(new)
-        self._set_greeting(new)
         self.registry.certificate(tls.certificate_expiry(new.tls, new.hostname))
         self.generation += 1
         for worker in self.workers:
@@ -343,7 +336,7 @@ class Gate:
         one that stays silent for the command timeout is told so and closed."""
         connection = self.connections[connection_id]
         try:
-            sock.send(self.banner)
+            sock.send(self.table.banner)
         except OSError:  # gone already
             self._closed(connection_id)
             self._refuse(sock, connection, b"", "HANGUP")
@@ -367,7 +360,7 @@ class Gate:
         connection = self.connections[connection_id]
         connection.silence = None
         self._closed(connection_id)
-        self._refuse(sock, connection, self.reply_timeout, "IDLE_TIMEOUT")
+        self._refuse(sock, connection, self.table.reply_timeout, "IDLE_TIMEOUT")
 
     def _dispatch(self, sock: socket.socket, connection_id: int) -> None:
         connection = self.connections[connection_id]

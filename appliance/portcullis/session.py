@@ -112,7 +112,7 @@ class Session:
 
     async def run(self) -> None:
         try:
-            banner = Reply(220, "", f"{self.config.hostname} ESMTP")
+            banner = replies.banner(self.config.hostname)
             if self.greeted:
                 self.core.last_reply = banner
             else:
@@ -121,7 +121,7 @@ class Session:
         except SessionTimeout as timeout:
             self._reason(timeout.label)
             self.core.close_with(
-                Reply(421, "4.4.2", f"{self.config.hostname} Timeout, closing connection"))
+                replies.timed_out(self.config.hostname))
         except (ConnectionError, ssl.SSLError) as e:
             self._reason("DISCONNECT")
             log.debug("client %s: %s", self.client.ip, e)

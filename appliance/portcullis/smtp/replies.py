@@ -43,6 +43,16 @@ class Reply:
         return f"{self.code} {self.enhanced} {self.text}".replace("  ", " ").strip()
 
 
+def banner(hostname: str) -> Reply:
+    """The greeting: the gate sends it, a session started on its own sends it itself."""
+    return Reply(220, "", f"{hostname} ESMTP")
+
+
+def timed_out(hostname: str) -> Reply:
+    """To a client silent for the command timeout, from the gate or a session."""
+    return Reply(421, "4.4.2", f"{hostname} Timeout, closing connection")
+
+
 # Replies the protocol core gives by itself. The session builds the rest.
 OK = Reply(250, "2.0.0", "OK")
 SENDER_OK = Reply(250, "2.1.0", "Sender OK")
