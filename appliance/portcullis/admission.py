@@ -83,12 +83,19 @@ class ConnectionTable:
         return expiry is None or expiry < now
 
     def pregreet_pass(self, ip: str, now: float) -> None:
-        self.pregreet_passed[self.client_of(ip)] = now + self.limits.pregreet_ttl
+        self.note_pregreet(self.client_of(ip), True, now + self.limits.pregreet_ttl)
 
     def pregreet_fail(self, ip: str, now: float) -> None:
-        client = self.client_of(ip)
-        self.pregreet_passed.pop(client, None)
-        self.pregreet_failed[client] = now + self.limits.pregreet_ttl
+        self.note_pregreet(self.client_of(ip), False, now + self.limits.pregreet_ttl)
+
+    def note_pregreet(self, client: str, passed: bool, expiry: float) -> None:
+        """A client's pre-greet result, valid until expiry: this gate's own, or in a
+        fleet another gate's."""
+        if passed:
+            self.pregreet_passed[client] = expiry
+        else:
+            self.pregreet_passed.pop(client, None)
+            self.pregreet_failed[client] = expiry
 
     def pregreet_failed_recently(self, ip: str) -> bool:
         return self.client_of(ip) in self.pregreet_failed

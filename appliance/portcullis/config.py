@@ -302,12 +302,51 @@ class Metrics:
 # Directory-harvest defence, one reputation score, and the ban helper. The reasons for
 # each default are in the docstrings of portcullis.policy.dha, .score and .reputation.
 
+def _redis_url(url: str) -> str:
+    from urllib.parse import urlsplit
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as e:
+        raise ValueError(f"'{url}': {e}") from None
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(f"'{url}' must start with redis:// or rediss://")
+    if not parts.hostname:
+        raise ValueError(f"'{url}' names no server")
+    if parts.password:
+        raise ValueError(f"'{url}' carries a password: put it in 'password_file'")
+    return url
+
+
+def _key_prefix(text: str) -> str:
+    if not 1 <= len(text) <= 64 or any(c.isspace() or not c.isprintable() for c in text):
+        raise ValueError(f"'{text}' must be 1-64 printable characters without spaces")
+    return text
+
+
+@dataclass
+class RedisStore:
+    """The shared store of a fleet (`reputation.store: redis`): Valkey or Redis 7+.
+    The hot path never waits on it; `timeout` bounds every exchange with the server, and
+    past it the gate counts locally until the server is back (policy/fleet.py)."""
+
+    url: str = _c("redis://127.0.0.1:6379/0", check=_redis_url)  # redis:// or rediss:// (TLS)
+    username: str = ""  # ACL user; empty: the default user
+    password_file: str = _c("", path=True)  # first line is the password
+    ca_file: str = _c("", path=True)  # for rediss://; empty: the system trust store
+    key_prefix: str = _c("portcullis:", check=_key_prefix)
+    timeout: float = _c(0.5, minimum=0.01, maximum=30)  # seconds per exchange
+    pool_size: int = _c(4, minimum=1, maximum=64)  # connections per process
+
+
 @dataclass
 class Reputation:
-    store: str = _c("sqlite", choices=("sqlite", "memory"))  # sqlite: state_dir/reputation.db
+    # sqlite: state_dir/reputation.db; redis: a fleet's shared Valkey/Redis (reputation.redis)
+    store: str = _c("sqlite", choices=("sqlite", "memory", "redis"))
     ban_ttl: float = _c(3600.0, minimum=1, maximum=YEAR)  # seconds a DHA or score ban lasts
     # seconds between reads of other workers' writes
     sync_interval: float = _c(1.0, minimum=0.05, maximum=60)
+    redis: RedisStore = field(default_factory=RedisStore)
 
 
 @dataclass
@@ -741,7 +780,9 @@ def check(config: Config) -> Config:
         except RecipientListError as e:
             raise config.error("recipients.file", str(e)) from None
     else:
-        _check_ldap_files(config)
+        _check_client_files(config, "recipients.ldap")
+    if config.reputation.store == "redis":
+        _check_client_files(config, "reputation.redis")
     if config.tls.enabled:
         _check_tls_pair(config)
     if not config.dns.nameservers:
@@ -826,17 +867,18 @@ def _read(config: Config, dotted: str, errors: str = "replace") -> str:
         raise config.error(dotted, f"cannot read {path}: not UTF-8 text") from None
 
 
-def _check_ldap_files(config: Config) -> None:
-    ldap = config.recipients.ldap
-    if ldap.password_file:
-        _read(config, "recipients.ldap.password_file", errors="strict")
-    if ldap.ca_file:
-        _read(config, "recipients.ldap.ca_file")
+def _check_client_files(config: Config, section: str) -> None:
+    """A client's password file and CA file (LDAP, Redis) can be read and loaded."""
+    settings = config.value(section)
+    if settings.password_file:
+        _read(config, f"{section}.password_file", errors="strict")
+    if settings.ca_file:
+        _read(config, f"{section}.ca_file")
         try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(ldap.ca_file)
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(settings.ca_file)
         except ssl.SSLError as e:
-            raise config.error("recipients.ldap.ca_file", f"{ldap.ca_file}: not a PEM CA "
-                                                          f"certificate ({e.reason})") from None
+            raise config.error(f"{section}.ca_file", f"{settings.ca_file}: not a PEM CA "
+                                                     f"certificate ({e.reason})") from None
 
 
 def _check_tls_pair(config: Config) -> None:

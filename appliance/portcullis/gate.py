@@ -101,6 +101,10 @@ class Gate:
         self.store = reputation.open_store(self.config, read_events=False)  # bans only
         self.bans = BanClient(self.config.ban_socket) if self.config.ban_socket else None
         self.dha = self._dha_engine(self.config)
+        # A fleet's store tells of other gates' bans and pre-greet results (self.dha is
+        # replaced on reload: look it up each time).
+        self.store.on_ban = lambda ban: self.dha.enforce(ban)
+        self.store.on_pregreet = self._fleet_pregreet
         self.refusals = logs.RateLimitedLines(log)  # a flood must not flood the journal
         self.registry.worker_usage.pids = lambda: [w.process.pid for w in self.workers
                                                    if w.process.poll() is None]
@@ -138,6 +142,7 @@ class Gate:
             self.loop.add_signal_handler(signum, self._stopped.set)
         log.info("listening on %s with %d workers",
                  ", ".join(l.address for l in self.listeners), len(self.workers))
+        self.store.start()
         restored = self.dha.restore_bans()  # the nftables set is empty after a reboot
         if restored:
             log.info("sent %d active bans to the ban helper", restored)
@@ -160,9 +165,9 @@ class Gate:
                 worker.process.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 worker.process.kill()
+        await self.store.aclose()
         if self.bans:
             await self.bans.close()
-        self.store.close()
         self.refusals.flush(force=True)
         log.info("stopped")
 
@@ -318,18 +323,31 @@ class Gate:
                 early = b""
             self._closed(connection_id)
             if early:
-                self.table.pregreet_fail(connection.ip, time.monotonic())
+                self._pregreet_result(connection.ip, passed=False)
                 self._refuse(sock, connection, self.table.reply_pregreet, "PREGREET")
             else:
                 self._refuse(sock, connection, b"", "HANGUP")
 
         def waited() -> None:
             self.loop.remove_reader(fd)
-            self.table.pregreet_pass(connection.ip, time.monotonic())
+            self._pregreet_result(connection.ip, passed=True)
             self._greet(sock, connection_id)
 
         self.loop.add_reader(fd, talked)
         timer = self.loop.call_later(self.config.limits.pregreet_delay, waited)
+
+    def _pregreet_result(self, ip: str, passed: bool) -> None:
+        """Remember a pre-greet result here, and share it with a fleet's other gates."""
+        if passed:
+            self.table.pregreet_pass(ip, time.monotonic())
+        else:
+            self.table.pregreet_fail(ip, time.monotonic())
+        self.store.note_pregreet(self.table.client_of(ip), passed,
+                                 time.time() + self.config.limits.pregreet_ttl)
+
+    def _fleet_pregreet(self, client: str, passed: bool, until: float) -> None:
+        """Another gate's pre-greet result (until: wall-clock time)."""
+        self.table.note_pregreet(client, passed, time.monotonic() + until - time.time())
 
     def _greet(self, sock: socket.socket, connection_id: int) -> None:
         """Send the banner, then wait for the client's first bytes without reading them;
@@ -422,7 +440,9 @@ class Gate:
             self.dha.housekeeping()
             evictions.evicted(self.table.take_evictions())
             evictions.evicted(self.dha.take_evictions())
+            evictions.store(self.store.take_counts())
             self.registry.merge(evictions.drain())
+            self.registry.store_shared.set(1 if self.store.shared else 0)
             self.registry.active.set(self.table.total)
             self.registry.stress.set(1 if self.table.stressed else 0)
             self.refusals.flush()

@@ -69,6 +69,8 @@ REASONS = (
 )
 # The per-client tables that count evictions (admission.py, policy/dha.py, reputation.py).
 EVICTION_TABLES = ("pregreet", "connection_rate", "harvest", "bans", "ban_pushes")
+# What a fleet's reputation store counts (policy/fleet.py).
+STORE_EVENTS = ("round_trips", "outages", "dropped", "bad_messages")
 
 
 class HistogramSpec(NamedTuple):
@@ -120,6 +122,11 @@ class Tally:
     def evicted(self, evictions: dict[str, int]) -> None:
         for table, amount in evictions.items():
             self.add("evicted:" + table, amount)
+
+    def store(self, counts: dict[str, int]) -> None:
+        """A reputation store's own counters (ReputationStore.take_counts)."""
+        for name, amount in counts.items():
+            self.add("store:" + name, amount)
 
     def observe(self, histogram: str, seconds: float) -> None:
         bounds = HISTOGRAMS[histogram].bounds
@@ -276,12 +283,24 @@ class Registry:
             "portcullis_state_evictions",
             "Entries dropped because a per-client table was full (limits.max_tracked_clients)",
             ("table",))
+        self.store_counts = counter(
+            "portcullis_reputation_store",
+            "A fleet's reputation store (reputation.store: redis), by event: round_trips "
+            "(exchanges with the server), outages (times it was lost), dropped (writes lost "
+            "to a full queue while it was away), bad_messages (unreadable on the channel)",
+            ("event",))
+        self.store_shared = gauge(
+            "portcullis_reputation_store_shared",
+            "1 while the admission process shares state through the fleet's store; 0 while "
+            "it counts locally, or when the store is not a fleet's")
         self.worker_restarts = counter("portcullis_worker_restarts",
                                        "Workers that exited and were started again")
         for label in REASONS:
             self.reasons.labels(label)
         for table in EVICTION_TABLES:
             self.evictions.labels(table)
+        for event in STORE_EVENTS:
+            self.store_counts.labels(event)
         self.active = gauge("portcullis_active_connections", "Connections open now")
         self.stress = gauge("portcullis_stress_mode", "1 while the gate is in stress mode")
         self.backend_up = gauge("portcullis_backend_up",
@@ -316,6 +335,8 @@ class Registry:
                 self.reasons.labels(key[7:]).inc(amount)
             elif key.startswith("evicted:"):
                 self.evictions.labels(key[8:]).inc(amount)
+            elif key.startswith("store:"):
+                self.store_counts.labels(key[6:]).inc(amount)
             elif key in self._plain:
                 self._plain[key].inc(amount)
         for key, shipped in report.get("histograms", {}).items():

@@ -79,6 +79,7 @@ class WorkerProcess:
         self.loop.add_signal_handler(signal.SIGTERM, stop.set)
         self.loop.add_signal_handler(signal.SIGINT, stop.set)
         self._gate_gone = stop
+        self.store.start()
         self.control.send(b'{"ready": true}')
         reporter = asyncio.ensure_future(self._report_periodically())
         await stop.wait()
@@ -88,9 +89,9 @@ class WorkerProcess:
         reporter.cancel()
         self.control.settimeout(1.0)  # the last reports wait for room, within reason
         self._report()
+        await self.store.aclose()
         if self.bans:
             await self.bans.close()
-        self.store.close()
 
     def reload(self) -> None:
         try:
@@ -152,6 +153,7 @@ class WorkerProcess:
             dha = self.services.dha
             dha.housekeeping()  # an idle worker forgets too
             self.tally.evicted(dha.take_evictions())
+            self.tally.store(self.store.take_counts())
             self._report()
 
     def _tally_directory(self) -> None:

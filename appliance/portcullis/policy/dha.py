@@ -65,7 +65,7 @@ from ..addresses import canonical, client_of, prefix_of_text
 from ..bounded import BoundedTable
 from ..config import Network
 from ..smtp.replies import Reply
-from .reputation import ReputationStore
+from .reputation import Ban, ReputationStore
 from .score import ConnectionScore, Signal, Stage
 
 log = logging.getLogger("portcullis.dha")
@@ -196,6 +196,13 @@ class DhaEngine:
         client = self._client(address)
         if not client.exempt:
             self._ban(client, self.clock(), label, prefix_too=False)
+
+    def enforce(self, ban: Ban) -> None:
+        """Send a ban decided elsewhere (another appliance of a fleet) to the firewall,
+        as restore_bans does: an address's; a prefix's waits for its clients to connect."""
+        if "/" not in ban.key and not self._client(ban.key).exempt:
+            now = self.clock()
+            self._push(ban.key, ban.until, now)
 
     def housekeeping(self, now: float | None = None) -> None:
         """Take in other processes' writes, and every PURGE_INTERVAL forget what expired.

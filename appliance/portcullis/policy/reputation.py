@@ -1,6 +1,6 @@
 """The reputation store: bans and recent events per key (an address or a prefix).
 
-`ReputationStore` is the interface the DHA engine uses. Two implementations:
+`ReputationStore` is the interface the DHA engine uses. Three implementations:
 
 - `MemoryStore`: everything in process memory; lost on restart.
 - `SqliteStore`: the same memory for every read, so the hot path never touches disk,
@@ -9,10 +9,8 @@
   worker processes may open one file: each reads the others' new rows every
   `reputation.sync_interval` seconds.
 
-A fleet can share one state through a networked implementation of the same
-interface, e.g. Redis or Valkey: add_event -> ZADD key at, count_events -> ZCOUNT key
-since +inf, ban -> SET ban:key label PXAT until, unban -> DEL ban:key, with a local
-cache of bans for reads.
+- `fleet.RedisStore`: the same memory, shared by a fleet of appliances through
+  Valkey or Redis (policy/fleet.py).
 
 Times are wall-clock seconds (time.time()), since they outlive the process.
 """
@@ -60,7 +58,15 @@ class Ban:
 
 
 class ReputationStore(ABC):
-    """Bans and timestamped events per key. Reads must be fast: they run per connection."""
+    """Bans and timestamped events per key. Reads must be fast: they run per connection.
+
+    A fleet's store also tells of other appliances' decisions: on_ban(ban) for a ban,
+    on_pregreet(client, passed, until) for a pre-greet result. `shared` is true while
+    it reaches the fleet."""
+
+    on_ban: Callable[[Ban], None] | None = None
+    on_pregreet: Callable[[str, bool, float], None] | None = None
+    shared = False
 
     @abstractmethod
     def add_event(self, key: str, at: float) -> None:
@@ -93,15 +99,29 @@ class ReputationStore(ABC):
     def sync(self) -> None:
         """Take in what other processes wrote, without waiting (call it often)."""
 
+    def note_pregreet(self, client: str, passed: bool, until: float) -> None:
+        """Share a pre-greet result with other gates (only a fleet's store does)."""
+
     def take_evictions(self) -> dict[str, int]:
         """Keys dropped because a table was full, per table, since the last call."""
         return {}
+
+    def take_counts(self) -> dict[str, int]:
+        """The store's own counters (round trips, outages) since the last call."""
+        return {}
+
+    def start(self) -> None:
+        """Begin background work that needs the running event loop."""
 
     def flush(self) -> None:
         """Block until earlier writes are stored and others' writes are visible."""
 
     def close(self) -> None:
         """Flush and release resources."""
+
+    async def aclose(self) -> None:
+        """close(), from inside the event loop."""
+        self.close()
 
 
 class MemoryStore(ReputationStore):
@@ -418,7 +438,8 @@ def open_store(config, clock: Callable[[], float] = time.time,
     Without read_events, other processes' harvest counts are not kept: the admission
     process needs only the bans.
 
-    Raises ReputationStoreError when the SQLite file cannot be opened.
+    Raises ReputationStoreError when the SQLite file cannot be opened. A fleet's store
+    connects once start() is called in the running event loop.
     """
     dha = config.dha
     retention = dha.window
@@ -426,5 +447,9 @@ def open_store(config, clock: Callable[[], float] = time.time,
     max_keys = config.limits.max_tracked_clients
     if config.reputation.store == "memory":
         return MemoryStore(retention, max_events, max_keys)
+    if config.reputation.store == "redis":
+        from .fleet import RedisStore
+        return RedisStore(config.reputation.redis, retention, max_events, max_keys,
+                          read_events, clock)
     return SqliteStore(os.path.join(config.state_dir, DATABASE_NAME), retention, max_events,
                        max_keys, config.reputation.sync_interval, clock, read_events)

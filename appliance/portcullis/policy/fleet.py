@@ -1,0 +1,429 @@
+"""The fleet's shared reputation store: Valkey or Redis (`reputation.store: redis`).
+
+Several appliances behind several MX records count one attacker together. Each gate
+process keeps a mirror of the fleet's state in memory, as SqliteStore does, so every
+read on the hot path is local and no SMTP reply waits on the network:
+
+    write (add_event, ban, unban, note_pregreet)
+      -> the mirror, at once
+      -> a queue; a task sends it in one MULTI pipeline per batch, which also PUBLISHes
+         the batch on the fleet's channel
+    every process of every gate SUBSCRIBEs to the channel and merges others' batches
+      into its mirror (within milliseconds); a ban reaches on_ban, which the admission
+      process points at the ban helper, so the ban lands in every kernel set
+
+Keys under reputation.redis.key_prefix (default "portcullis:"):
+
+    ev:<client or prefix>   sorted set, one member per invalid recipient, scored by its
+                            time; trimmed to dha.window and to the newest events the
+                            thresholds need, expiring with the window
+    ban:<client or prefix>  "<until> <label>", expiring at <until>; a Lua script keeps
+                            the longer of two bans, atomically
+    pg:<client>             "<until> <1 passed | 0 failed>": the pre-greet result
+    events                  the channel (JSON batches: [writer, [operation, ...]])
+
+On (re)connect a process subscribes first, then loads the bans, events and pre-greet
+results in force, so it misses nothing in between; an event seen twice (loaded and
+published) is counted once, by its time.
+
+Failure never stops mail. The mirror keeps counting locally when the server is down,
+slow or unreachable: every exchange is bounded by reputation.redis.timeout, a heartbeat
+every HEARTBEAT seconds notices a silent partition, and the loss is logged once and
+counted (`outages`). Writes made meanwhile wait in a bounded queue (bans by key, so
+none is lost to a flood of events) and are sent and published when the server is back;
+reconnection backs off from BACKOFF_MIN to BACKOFF_MAX seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+
+from ..bounded import BoundedTable
+from .reputation import Ban, MemoryStore, ReputationStoreError
+
+log = logging.getLogger("portcullis.fleet")
+
+HEARTBEAT = 1.0  # seconds of silence before the connection is checked with a PING
+BACKOFF_MIN = 0.5  # seconds before the first reconnection
+BACKOFF_MAX = 30.0
+MAX_BATCH = 500  # operations per pipeline and per published message
+MAX_QUEUED = 100_000  # events and pre-greet results waiting while the server is away
+SCAN_COUNT = 1000
+
+# Set KEYS[1] to "<until> <label>", expiring at until (ms), unless a longer ban is there.
+_KEEP_LONGER_BAN = """
+local current = redis.call('GET', KEYS[1])
+if current and tonumber(string.match(current, '^%S+')) >= tonumber(ARGV[1]) / 1000 then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[1])
+return 1
+"""
+
+
+class RedisStore(MemoryStore):
+    """The mirror and its link to the shared server; see the module doc. on_ban and
+    on_pregreet are called for other processes' bans and pre-greet results, including
+    those loaded on (re)connect; neither may block."""
+
+    def __init__(self, settings, retention: float, max_events_per_key: int = 256,
+                 max_keys: int = 100_000, read_events: bool = True,
+                 clock: Callable[[], float] = time.time):
+        super().__init__(retention, max_events_per_key, max_keys)
+        self.settings = settings
+        self.read_events = read_events  # False: others' events are not kept (bans only)
+        self.shared = False  # connected, subscribed and loaded
+        self._clock = clock
+        self._password = _first_line(settings.password_file) if settings.password_file else None
+        self._writer = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._channel = settings.key_prefix + "events"
+        self._queued: collections.deque = collections.deque()  # events, pre-greet results
+        self._queued_bans = BoundedTable(max_keys)  # key -> its last ban or unban
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._client = None
+        self._pubsub = None
+        self._sequence = 0  # makes each event's member in its sorted set unique
+        self._counts = collections.Counter()  # round_trips, outages, dropped, bad_messages
+
+    # -- the interface: the mirror now, the server soon -------------------------------
+
+    def add_event(self, key: str, at: float) -> None:
+        super().add_event(key, at)
+        self._queue(("e", key, at))
+
+    def ban(self, key: str, until: float, label: str) -> None:
+        super().ban(key, until, label)
+        self._queue_ban(key, ("b", key, until, label))
+
+    def unban(self, key: str) -> None:
+        super().unban(key)
+        self._queue_ban(key, ("u", key))
+
+    def note_pregreet(self, client: str, passed: bool, until: float) -> None:
+        self._queue(("p", client, passed, until))
+
+    def take_counts(self) -> dict[str, int]:
+        counts, self._counts = dict(self._counts), collections.Counter()
+        return counts
+
+    def _queue(self, operation: tuple) -> None:
+        if len(self._queued) >= MAX_QUEUED:
+            self._queued.popleft()
+            self._counts["dropped"] += 1
+        self._queued.append(operation)
+        self._poke()
+
+    def _queue_ban(self, key: str, operation: tuple) -> None:
+        self._queued_bans[key] = operation
+        self._poke()
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- running -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin sharing, in the running event loop; until connected, count locally."""
+        self._wake = asyncio.Event()
+        self._task = asyncio.ensure_future(self._keep_shared())
+
+    async def aclose(self) -> None:
+        """Let the sender send what is queued (within the timeout, if connected), then
+        disconnect."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.timeout):
+                while self.shared and (self._queued or self._queued_bans):
+                    await asyncio.sleep(0.01)
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _keep_shared(self) -> None:
+        backoff = BACKOFF_MIN
+        while True:
+            began = time.monotonic()
+            try:
+                await self._exchange(await self._connect())
+            except _failures() as e:
+                self._lost(e)
+            finally:
+                await self._disconnect()
+            if time.monotonic() - began > BACKOFF_MAX:  # it had worked for a while
+                backoff = BACKOFF_MIN
+            await asyncio.sleep(backoff)
+            backoff = min(2 * backoff, BACKOFF_MAX)
+
+    async def _connect(self):
+        """Connect, subscribe, load the fleet's state; the pubsub to read from."""
+        import redis.asyncio as redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        settings = self.settings
+        tls = {"ssl_ca_certs": settings.ca_file} if settings.ca_file else {}
+        self._client = redis.Redis.from_url(
+            settings.url, username=settings.username or None, password=self._password,
+            socket_timeout=settings.timeout, socket_connect_timeout=settings.timeout,
+            max_connections=settings.pool_size, retry=Retry(NoBackoff(), 0),
+            decode_responses=True, **tls)
+        self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+        await self._bounded(self._pubsub.subscribe(self._channel))
+        await self._load()
+        if not self.shared:
+            self.shared = True
+            log.info("reputation store %s: sharing with the fleet", _where(settings.url))
+        return self._pubsub
+
+    async def _disconnect(self) -> None:
+        pubsub, client, self._pubsub, self._client = self._pubsub, self._client, None, None
+        for connection in (pubsub, client):
+            if connection is not None:
+                with contextlib.suppress(*_failures()):
+                    await connection.aclose()
+
+    def _lost(self, error: BaseException) -> None:
+        if self.shared:
+            self.shared = False
+            self._counts["outages"] += 1
+            log.error("reputation store %s: %s; counting locally until it is back",
+                      _where(self.settings.url), _reason(error))
+        else:
+            log.debug("reputation store %s: %s", _where(self.settings.url), _reason(error))
+
+    async def _exchange(self, pubsub) -> None:
+        """Send and receive until either fails."""
+        sending = asyncio.ensure_future(self._send_forever())
+        receiving = asyncio.ensure_future(self._receive_forever(pubsub))
+        try:
+            done, _ = await asyncio.wait((sending, receiving),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises its failure
+        finally:
+            sending.cancel()
+            receiving.cancel()
+            await asyncio.gather(sending, receiving, return_exceptions=True)
+
+    async def _bounded(self, awaitable):
+        async with asyncio.timeout(self.settings.timeout):
+            return await awaitable
+
+    # -- sending -------------------------------------------------------------------------
+
+    async def _send_forever(self) -> None:
+        while True:
+            await self._send_queued()
+            self._wake.clear()
+            try:
+                async with asyncio.timeout(HEARTBEAT):
+                    await self._wake.wait()
+            except TimeoutError:
+                await self._bounded(self._client.ping())
+                self._counts["round_trips"] += 1
+
+    async def _send_queued(self) -> None:
+        """Send everything queued, a batch per round trip; a batch leaves the queue only
+        once the server took it."""
+        while self._queued_bans or self._queued:
+            bans = list(self._queued_bans.items())[:MAX_BATCH]
+            events = list(_first(self._queued, MAX_BATCH - len(bans)))
+            operations = [operation for _, operation in bans] + events
+            pipe = self._client.pipeline(transaction=True)
+            for operation in operations:
+                self._stage(pipe, operation)
+            pipe.publish(self._channel, json.dumps([self._writer, operations]))
+            await self._bounded(pipe.execute())
+            self._counts["round_trips"] += 1
+            for key, operation in bans:
+                if self._queued_bans.get(key) is operation:
+                    del self._queued_bans[key]
+            for _ in events:
+                self._queued.popleft()
+
+    def _stage(self, pipe, operation: tuple) -> None:
+        prefix = self.settings.key_prefix
+        kind, key, *rest = operation
+        if kind == "e":
+            (at,) = rest
+            name = prefix + "ev:" + key
+            self._sequence += 1
+            pipe.zadd(name, {f"{at!r} {self._writer} {self._sequence}": at})
+            pipe.zremrangebyscore(name, "-inf", f"({at - self.retention!r}")
+            pipe.zremrangebyrank(name, 0, -self.max_events_per_key - 1)
+            pipe.pexpire(name, int(self.retention * 1000) + 1)
+        elif kind == "b":
+            until, label = rest
+            pipe.eval(_KEEP_LONGER_BAN, 1, prefix + "ban:" + key, int(until * 1000),
+                      f"{until!r} {label}")
+        elif kind == "u":
+            pipe.delete(prefix + "ban:" + key)
+        else:
+            passed, until = rest
+            pipe.set(prefix + "pg:" + key, f"{until!r} {int(passed)}",
+                     pxat=max(int(until * 1000), 1))
+
+    # -- receiving -------------------------------------------------------------------------
+
+    async def _receive_forever(self, pubsub) -> None:
+        while True:
+            message = await pubsub.get_message(timeout=HEARTBEAT)
+            if message is None:  # silence: is the server still there?
+                await self._bounded(pubsub.ping())
+                message = await pubsub.get_message(timeout=self.settings.timeout)
+                if message is None:
+                    raise TimeoutError("no answer to a PING on the channel")
+            if message["type"] == "message":
+                self._merge_published(message["data"])
+
+    def _merge_published(self, data: str) -> None:
+        try:
+            writer, operations = json.loads(data)
+            if writer == self._writer:
+                return
+            for kind, key, *rest in operations:
+                self._merge(kind, str(key), rest)
+        except (ValueError, TypeError, IndexError) as e:
+            self._counts["bad_messages"] += 1
+            log.warning("reputation store: a malformed message on %s: %s", self._channel, e)
+
+    def _merge(self, kind: str, key: str, rest: list) -> None:
+        if kind == "e":
+            if self.read_events:
+                self._merge_event(key, float(rest[0]))
+        elif kind == "b":
+            self._merge_ban(Ban(key, float(rest[0]), str(rest[1])))
+        elif kind == "u":
+            MemoryStore.unban(self, key)
+        elif kind == "p":
+            if self.on_pregreet is not None:
+                self.on_pregreet(key, bool(rest[0]), float(rest[1]))
+        else:
+            raise ValueError(f"unknown operation {kind!r}")
+
+    def _merge_event(self, key: str, at: float) -> None:
+        """Count another process's event once, however often it is seen."""
+        times = self._events.get(key)
+        if not times or at not in times:
+            MemoryStore.add_event(self, key, at)
+
+    def _merge_ban(self, ban: Ban) -> None:
+        current = self._bans.get(ban.key)
+        MemoryStore.ban(self, ban.key, ban.until, ban.label)
+        if self.on_ban is not None and (current is None or ban.until > current.until):
+            self.on_ban(ban)
+
+    # -- loading ---------------------------------------------------------------------------
+
+    async def _load(self) -> None:
+        """Merge what is in force on the server: bans, events, pre-greet results."""
+        prefix = self.settings.key_prefix
+        now = self._clock()
+        async for name, value in self._scan(prefix + "ban:*", "get"):
+            until, _, label = value.partition(" ")
+            if float(until) > now:
+                self._merge_ban(Ban(name[len(prefix) + 4:], float(until), label))
+        if self.read_events:
+            since = now - self.retention
+            async for name, members in self._scan(prefix + "ev:*", "zrange_scores"):
+                for _, at in members:
+                    if at >= since:
+                        self._merge_event(name[len(prefix) + 3:], at)
+        if self.on_pregreet is not None:
+            async for name, value in self._scan(prefix + "pg:*", "get"):
+                until, _, passed = value.partition(" ")
+                if float(until) > now:
+                    self.on_pregreet(name[len(prefix) + 3:], passed == "1", float(until))
+
+    async def _scan(self, pattern: str, read: str):
+        """(key, value) for at most max_keys keys matching pattern, a batch per trip."""
+        cursor, seen = 0, 0
+        while True:
+            cursor, names = await self._bounded(
+                self._client.scan(cursor, match=pattern, count=SCAN_COUNT))
+            names = names[:max(0, self._events.capacity - seen)]
+            seen += len(names)
+            if names:
+                pipe = self._client.pipeline(transaction=False)
+                for name in names:
+                    if read == "get":
+                        pipe.get(name)
+                    else:
+                        pipe.zrange(name, 0, -1, withscores=True)
+                values = await self._bounded(pipe.execute())
+                for name, value in zip(names, values, strict=True):
+                    if value:
+                        yield name, value
+            if cursor == 0 or seen >= self._events.capacity:
+                return
+
+
+def _first_line(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().strip()
+    except (OSError, UnicodeError) as e:
+        raise ReputationStoreError(f"key 'reputation.redis.password_file': {e}") from None
+
+
+def _first(queue: collections.deque, count: int) -> Iterator:
+    for index, item in enumerate(queue):
+        if index >= count:
+            return
+        yield item
+
+
+def _failures() -> tuple[type[BaseException], ...]:
+    """What a lost, slow or refusing server raises (redis-py is imported only when used)."""
+    from redis.exceptions import RedisError
+    return RedisError, OSError, TimeoutError, ValueError
+
+
+def _reason(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+def _where(url: str) -> str:
+    """The URL without credentials, for log lines."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
+@contextlib.contextmanager
+def connected(store: RedisStore):
+    """For the operator's commands, outside any event loop: the store connected and
+    loaded; what was written is sent at the end. ReputationStoreError when the server
+    cannot be reached within the timeout."""
+    loop = asyncio.new_event_loop()
+    try:
+        try:
+            loop.run_until_complete(store._connect())
+        except _failures() as e:
+            raise ReputationStoreError(
+                f"key 'reputation.redis.url': cannot reach {_where(store.settings.url)}: "
+                f"{_reason(e)}") from None
+        yield store
+        try:
+            loop.run_until_complete(store._send_queued())
+        except _failures() as e:
+            raise ReputationStoreError(
+                f"cannot write to {_where(store.settings.url)}: {_reason(e)}") from None
+    finally:
+        loop.run_until_complete(store._disconnect())
+        loop.close()

@@ -1,0 +1,217 @@
+"""The fleet's reputation store (policy/fleet.py) against a real redis-server.
+
+Several stores in one event loop stand for the processes of several appliances; the
+server is killed, hung and restarted to see what each keeps doing meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from portcullis import config
+from portcullis.policy import reputation
+from portcullis.policy.fleet import RedisStore
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.integration
+
+WINDOW = 600.0
+
+
+@pytest.fixture
+def server(tmp_path):
+    with RedisServer(tmp_path / "redis") as running:
+        yield running
+
+
+def settings(server: RedisServer, **overrides):
+    document = {"hostname": "mx.example.test", "relay_domains": ["example.test"],
+                "backend": {"servers": ["127.0.0.1:2525"]},
+                "reputation": server.settings(**overrides)}
+    import yaml
+    return config.loads(yaml.safe_dump(document), "fleet.yaml")
+
+
+def store(server: RedisServer, read_events: bool = True, **overrides) -> RedisStore:
+    opened = reputation.open_store(settings(server, **overrides), read_events=read_events)
+    assert isinstance(opened, RedisStore)
+    return opened
+
+
+async def until(predicate, timeout: float = 5.0) -> float:
+    """Seconds until predicate() holds; AssertionError after timeout."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"not within {timeout} s")
+        await asyncio.sleep(0.005)
+    return time.monotonic() - started
+
+
+async def started(*stores: RedisStore) -> None:
+    for each in stores:
+        each.start()
+    await until(lambda: all(each.shared for each in stores))
+
+
+def test_events_are_counted_fleet_wide_once(server):
+    async def scenario():
+        a, b = store(server), store(server)
+        await started(a, b)
+        now = time.time()
+        for n in range(3):
+            a.add_event("192.0.2.7", now + n)
+        b.add_event("192.0.2.7", now + 3)
+        await until(lambda: a.count_events("192.0.2.7", now) == 4
+                    and b.count_events("192.0.2.7", now) == 4)
+        # A late process loads them: each counted once, though also published meanwhile.
+        c = store(server)
+        await started(c)
+        await asyncio.sleep(0.1)
+        counted = c.count_events("192.0.2.7", now)
+        stored = int(server.cli("ZCARD", "portcullis:ev:192.0.2.7"))
+        ttl = int(server.cli("PTTL", "portcullis:ev:192.0.2.7"))
+        for each in (a, b, c):
+            await each.aclose()
+        return counted, stored, ttl
+
+    counted, stored, ttl = asyncio.run(scenario())
+    assert (counted, stored) == (4, 4)
+    assert 0 < ttl <= WINDOW * 1000 + 1
+
+
+def test_a_ban_reaches_every_process_and_the_longer_one_wins(server):
+    async def scenario():
+        a, b = store(server), store(server, read_events=False)
+        told = []
+        b.on_ban = told.append
+        await started(a, b)
+        now = time.time()
+        a.ban("198.51.100.9", now + 3600, "DHA_BAN")
+        took = await until(lambda: b.ban_of("198.51.100.9", now) is not None)
+        a.ban("198.51.100.9", now + 60, "ADMIN_BAN")  # shorter: the store keeps the hour
+        await asyncio.sleep(0.2)
+        stored = server.cli("GET", "portcullis:ban:198.51.100.9")
+        for each in (a, b):
+            await each.aclose()
+        return took, told, stored, now
+
+    took, told, stored, now = asyncio.run(scenario())
+    assert took < 1.0
+    assert [(ban.key, ban.label) for ban in told] == [("198.51.100.9", "DHA_BAN")]
+    until_text, label = stored.split(" ")
+    assert label == "DHA_BAN" and float(until_text) == pytest.approx(now + 3600)
+
+
+def test_an_unban_reaches_every_process(server):
+    async def scenario():
+        a, b = store(server), store(server)
+        await started(a, b)
+        now = time.time()
+        a.ban("203.0.113.5", now + 3600, "DHA_BAN")
+        await until(lambda: b.ban_of("203.0.113.5", now) is not None)
+        b.unban("203.0.113.5")
+        await until(lambda: a.ban_of("203.0.113.5", now) is None)
+        await asyncio.sleep(0.1)
+        exists = server.cli("EXISTS", "portcullis:ban:203.0.113.5")
+        for each in (a, b):
+            await each.aclose()
+        return exists
+
+    assert asyncio.run(scenario()) == "0"
+
+
+def test_pregreet_results_are_shared(server):
+    async def scenario():
+        a, b = store(server, read_events=False), store(server, read_events=False)
+        heard = []
+        b.on_pregreet = lambda client, passed, until_: heard.append((client, passed))
+        await started(a, b)
+        a.note_pregreet("192.0.2.1", True, time.time() + 60)
+        a.note_pregreet("192.0.2.2", False, time.time() + 60)
+        await until(lambda: len(heard) == 2)
+        late = store(server, read_events=False)
+        loaded = []
+        late.on_pregreet = lambda client, passed, until_: loaded.append((client, passed))
+        await started(late)
+        for each in (a, b, late):
+            await each.aclose()
+        return heard, sorted(loaded)
+
+    heard, loaded = asyncio.run(scenario())
+    assert heard == [("192.0.2.1", True), ("192.0.2.2", False)]
+    assert loaded == [("192.0.2.1", True), ("192.0.2.2", False)]
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_lost_server_never_blocks_and_what_was_decided_meanwhile_is_shared(server, fault):
+    async def scenario():
+        a, b = store(server), store(server)
+        told = []
+        b.on_ban = told.append
+        await started(a, b)
+        server.kill() if fault == "killed" else server.pause()
+        lost = await until(lambda: not a.shared and not b.shared, timeout=10)
+        # Meanwhile each counts locally, and no call waits on the network.
+        now = time.time()
+        slowest = 0.0
+        for n in range(20):
+            began = time.perf_counter()
+            a.add_event("192.0.2.66", now + n / 1000)
+            a.count_events("192.0.2.66", now)
+            slowest = max(slowest, time.perf_counter() - began)
+        a.ban("192.0.2.66", now + 3600, "DHA_BAN")
+        local = a.count_events("192.0.2.66", now), b.count_events("192.0.2.66", now)
+        if fault == "killed":
+            server.start()
+        else:
+            server.resume()
+        back = await until(lambda: a.shared and b.shared, timeout=40)
+        await until(lambda: b.ban_of("192.0.2.66", now) is not None, timeout=5)
+        await until(lambda: b.count_events("192.0.2.66", now) == 20, timeout=5)
+        counts = a.take_counts()
+        for each in (a, b):
+            await each.aclose()
+        return lost, slowest, local, back, told, counts
+
+    lost, slowest, local, back, told, counts = asyncio.run(scenario())
+    assert lost < 0.3 + 1.0 + 1.0  # timeout + heartbeat, and a margin for the test's polling
+    assert slowest < 0.01
+    assert local == (20, 0)
+    assert [ban.key for ban in told] == ["192.0.2.66"]
+    assert counts["outages"] == 1
+
+
+def test_a_malformed_message_is_counted_and_ignored(server):
+    async def scenario():
+        a, b = store(server), store(server)
+        await started(a, b)
+        server.cli("PUBLISH", "portcullis:events", "not json")
+        server.cli("PUBLISH", "portcullis:events", '["x", [["e"]]]')
+        a.add_event("192.0.2.3", time.time())
+        await until(lambda: b.count_events("192.0.2.3", 0) == 1)
+        counts = b.take_counts()
+        for each in (a, b):
+            await each.aclose()
+        return counts
+
+    assert asyncio.run(scenario())["bad_messages"] == 2
+
+
+def test_a_server_that_refuses_the_password_means_local_counting(server, tmp_path):
+    wrong = tmp_path / "wrong"
+    wrong.write_text("nope\n")
+
+    async def scenario():
+        a = store(server, password_file=str(wrong))
+        a.start()
+        await asyncio.sleep(1.0)
+        a.add_event("192.0.2.4", time.time())
+        result = a.shared, a.count_events("192.0.2.4", 0)
+        await a.aclose()
+        return result
+
+    assert asyncio.run(scenario()) == (False, 1)

@@ -1,0 +1,99 @@
+"""A private redis-server for the tests (Debian's, 7.0; Valkey speaks the same protocol).
+
+It never touches a system instance: its own directory, no persistence, a free port, an
+ACL user `gate` with a password, and optionally TLS. `kill()`, `pause()`, `resume()` and
+`start()` again simulate an outage, a hung or partitioned server, and its return on the
+same port.
+
+    with RedisServer(tmp_path) as server:
+        server.url          # redis://127.0.0.1:<port>/0
+        server.cli("DBSIZE")
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+from tests.support.tools import free_port, port_accepts, require_tool, stop_process, wait_until
+
+USER = "gate"
+PASSWORD = "fleet-secret"
+
+
+class RedisServer:
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None):
+        self.binary = require_tool("redis-server", "redis-server")
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = port or free_port(host)
+        self.password_file = workdir / "redis.password"
+        self.password_file.write_text(PASSWORD + "\n")
+        self.config = workdir / "redis.conf"
+        self.config.write_text(
+            f"bind {host}\nport {self.port}\nprotected-mode yes\ndir {workdir}\n"
+            'save ""\nappendonly no\ndaemonize no\nloglevel warning\n'
+            f"logfile {workdir / 'redis.log'}\n"
+            # The gate's user: its keys and channel only, no dangerous commands.
+            f"user {USER} on >{PASSWORD} ~portcullis:* &portcullis:* "
+            "+@read +@write +@pubsub +@scripting +@transaction +ping -@dangerous\n"
+            "user default off\n")
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://{self.host}:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.process = subprocess.Popen([self.binary, str(self.config)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(lambda: port_accepts(self.host, self.port) or self.process.poll() is not None,
+                   10, "redis-server to listen")
+        if self.process.poll() is not None:
+            raise RuntimeError(f"redis-server exited: {self.process.stderr.read().decode()}"
+                               f"{(self.workdir / 'redis.log').read_text()}")
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(5)
+
+    def pause(self) -> None:
+        """The server stops answering but keeps its connections: a hung server."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def cli(self, *command: str) -> str:
+        """One command through redis-cli as the gate's user; its output."""
+        result = subprocess.run(
+            ["redis-cli", "-h", self.host, "-p", str(self.port), "--user", USER, "--pass",
+             PASSWORD, "--no-auth-warning", *command],
+            capture_output=True, text=True, timeout=10, check=True)
+        return result.stdout.strip()
+
+    def settings(self, **overrides) -> dict:
+        """The gate's reputation section for this server."""
+        redis = {"url": self.url, "username": USER, "password_file": str(self.password_file),
+                 "timeout": 0.3}
+        redis.update(overrides)
+        return {"store": "redis", "redis": redis}
+
+    def stop(self) -> None:
+        if self.process is not None:
+            try:
+                os.kill(self.process.pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        stop_process(self.process)
+
+    def __enter__(self) -> RedisServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
