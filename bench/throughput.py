@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Portcullis against its peers, measured in the same run on the same machine.
 
-Throughput: Postfix's smtp-source sends through three targets, each relaying to its own
-Postfix smtp-sink: (a) Portcullis, (b) Postfix postscreen -> smtpd with a before-queue
+Throughput: Postfix's smtp-source sends through four targets, each relaying to its own
+Postfix smtp-sink: (a) Portcullis as shipped (SQLite reputation store), (a') the same
+with the redis store (below), (b) Postfix postscreen -> smtpd with a before-queue
 smtpd_proxy_filter, the same recipient list and no anvil limits, (c) smtp-sink directly
 (the ceiling). The load shapes, by their --shapes key:
 
@@ -20,6 +21,18 @@ Portcullis/Postfix, the CPU time per message of the target's whole process tree 
 /proc, reaped children included) and, apart, of its relay smtp-sink (Postfix opens a
 backend connection per message, Portcullis pools them), and the peak memory (PSS).
 
+The redis store: "Portcullis (redis store)" (--targets key portcullis-redis, on by
+default) has the same settings but reputation.store: redis, on a private redis-server
+the bench starts and stops. A table compares it with the SQLite one per shape
+(throughput redis/SQLite, flagged below STORE_BOUND) and gives the store's round trips
+and commands per message, read from redis-server's INFO commandstats before and after
+each run: a MULTI ... EXEC pipeline is one round trip whatever it holds, a PING is one.
+The gate's own round_trips metric would miss its subscriber connections' PINGs. The
+load is legitimate mail (every recipient valid), so the store has next to nothing to
+write: its round trips are mostly the heartbeat PINGs of each gate process, counted in.
+redis-server's CPU is not in the target's tree; that table gives it per message. The
+idle test runs against the SQLite one only.
+
 Idle connections: opens many silent connections from several 127.0.0.x addresses,
 counts which got a banner, a refusal or nothing, the bytes per idle connection held, and
 how long a legitimate delivery from another address takes meanwhile.
@@ -28,7 +41,8 @@ With --baseline REV, Portcullis as of git revision REV runs too, as one more tar
 that a change is measured against what it changes in the same run.
 
 Usage: bench/throughput.py [--quick] [--shapes KEY,...] [--messages N] [--rounds N]
-                           [--warmup N] [--idle N] [--targets ...] [--baseline REV]
+                           [--warmup N] [--idle N] [--targets sink,postfix,...]
+                           [--baseline REV]
 (as root; `make bench` installs what it needs and runs it)
 """
 
@@ -38,6 +52,7 @@ import argparse
 import atexit
 import os
 import resource
+import secrets
 import selectors
 import shutil
 import smtplib
@@ -52,11 +67,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from tests.support.postfix import PostfixInstance
+from tests.support.redis_server import RedisServer
 from tests.support.tools import free_port, port_accepts, wait_until
 
 DOMAIN = "example.test"
@@ -64,6 +81,9 @@ RECIPIENT = f"alice@{DOMAIN}"
 SENDER = "load@client.sender.test"
 HOST = "127.0.0.1"
 PEER = "Postfix postscreen+proxy"  # the target Portcullis is compared with
+OURS = "Portcullis"  # as shipped: reputation.store: sqlite
+OURS_REDIS = "Portcullis (redis store)"  # the same with reputation.store: redis
+STORE_BOUND = 0.9  # redis-store throughput below this share of SQLite's is flagged
 LEGIT_SOURCE = "127.0.0.250"  # the legitimate client of the idle test
 IDLE_SOURCES = [f"127.0.0.{n}" for n in range(2, 22)]  # where idle connections come from
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -192,6 +212,85 @@ class SmtpSink:
 
 
 @dataclass
+class StoreUse:
+    """What redis-server did so far (or between two readings): its commands by name
+    (INFO commandstats), all its commands, connections accepted, and its CPU seconds."""
+
+    calls: Counter
+    commands: int
+    connections: int
+    cpu: float
+
+    def __sub__(self, earlier: StoreUse) -> StoreUse:
+        return StoreUse(self.calls - earlier.calls, self.commands - earlier.commands,
+                        self.connections - earlier.connections, self.cpu - earlier.cpu)
+
+    def __add__(self, other: StoreUse) -> StoreUse:
+        return StoreUse(self.calls + other.calls, self.commands + other.commands,
+                        self.connections + other.connections, self.cpu + other.cpu)
+
+    def round_trips(self) -> int:
+        """Requests the gate waited for: a MULTI ... EXEC pipeline (its writes and its
+        PUBLISH) is one, a PING is one."""
+        return self.calls["exec"] + self.calls["ping"]
+
+    def gate_commands(self) -> int:
+        """Every command the server ran, those queued in pipelines included, but the
+        bench's own INFO."""
+        return self.commands - self.calls["info"]
+
+
+class FleetStore:
+    """The redis-store target's private redis-server (tests/support/redis_server.py),
+    read through an admin user of its own: the gate's ACL user may not run INFO."""
+
+    ADMIN = "bench"
+
+    def __init__(self, workdir: Path):
+        try:
+            self.server = RedisServer(workdir)
+            password = secrets.token_hex(16)
+            with open(self.server.config, "a") as config:
+                config.write(f"user {self.ADMIN} on >{password} ~* &* +@all\n")
+            atexit.register(self.stop)
+            self.server.start()
+            self.admin = redis.Redis(self.server.host, self.server.port, username=self.ADMIN,
+                                     password=password, socket_timeout=10,
+                                     decode_responses=True)
+            self.admin.ping()
+        except (RuntimeError, OSError, redis.RedisError) as problem:
+            self.stop()
+            raise NotRunnable(f"no private redis-server: {problem}") from None
+
+    def gate_settings(self) -> dict:
+        """The gate's reputation section: this server, the shipped timeout (not the tests')."""
+        settings = self.server.settings()
+        del settings["redis"]["timeout"]
+        return settings
+
+    def mark(self) -> None:
+        """Start counting for since_mark()."""
+        self.marked = (self.use(), time.monotonic())
+
+    def since_mark(self) -> tuple[StoreUse, float]:
+        """What the server did since mark(), and in how many seconds."""
+        use, at = self.marked
+        return self.use() - use, time.monotonic() - at
+
+    def use(self) -> StoreUse:
+        """The server's counters now; one INFO on the admin's open connection."""
+        info = self.admin.info("stats", "commandstats")
+        calls = Counter({name.removeprefix("cmdstat_"): stats["calls"]
+                         for name, stats in info.items() if name.startswith("cmdstat_")})
+        return StoreUse(calls, info["total_commands_processed"],
+                        info["total_connections_received"], cpu_seconds(self.server.process.pid))
+
+    def stop(self) -> None:
+        if self.server.process is not None:
+            self.server.stop()
+
+
+@dataclass
 class Target:
     name: str
     port: int
@@ -199,6 +298,7 @@ class Target:
     sink: SmtpSink
     settle: float = 3.0  # seconds an idle connection may wait for its banner
     close: Callable[[], None] = field(default=lambda: None, repr=False)
+    store: FleetStore | None = None  # the redis-server of a redis-store target
 
 
 def start_sink_target(workdir: Path) -> Target:
@@ -246,16 +346,20 @@ def start_postfix_proxy(workdir: Path) -> Target:
     return Target(PEER, port, instance.master_pid(), sink, settle=9.0, close=close)
 
 
-def start_portcullis(workdir: Path, idle: int, baseline: str = "") -> Target:
+def start_portcullis(workdir: Path, idle: int, baseline: str = "",
+                     store: FleetStore | None = None) -> Target:
     """`portcullis serve` relaying to its own smtp-sink; NotRunnable if it cannot serve.
 
     With `baseline` (a git revision), the gate's code is that revision's, from a
-    worktree, so that a change is measured against its parent in the same run.
+    worktree, so that a change is measured against its parent in the same run. With
+    `store`, its reputation store is that redis-server (stopped with the target).
     """
     executable = shutil.which("portcullis", path=f"{REPO}/.venv/bin:{os.environ['PATH']}")
     if executable is None:
         raise NotRunnable("no `portcullis` command (run scripts/install-deps test)")
     tag = f"portcullis-{baseline}" if baseline else "portcullis"
+    if store is not None:
+        tag += "-redis"
     environment = dict(os.environ)
     command = [executable]
     if baseline:
@@ -292,6 +396,8 @@ def start_portcullis(workdir: Path, idle: int, baseline: str = "") -> Target:
             "connection_burst_per_ip": 1_000_000,
         },
     }
+    if store is not None:
+        config["reputation"] = store.gate_settings()
     (workdir / f"{tag}-state").mkdir(exist_ok=True)
     config_file = workdir / f"{tag}.yaml"
     config_file.write_text(yaml.safe_dump(config))
@@ -314,6 +420,8 @@ def start_portcullis(workdir: Path, idle: int, baseline: str = "") -> Target:
                 for pid in process_tree(process.pid):
                     os.kill(pid, 9)
         sink.close()
+        if store is not None:
+            store.stop()
 
     def failed(reason: str) -> NotRunnable:
         close()
@@ -329,8 +437,8 @@ def start_portcullis(workdir: Path, idle: int, baseline: str = "") -> Target:
         wait_until(lambda: sink.messages() >= 1, 10, "the probe message at the sink")
     except (OSError, smtplib.SMTPException, TimeoutError) as problem:
         raise failed(f"a probe message did not get through: {problem!r}") from None
-    name = f"Portcullis @{baseline}" if baseline else "Portcullis"
-    return Target(name, port, process.pid, sink, close=close)
+    name = f"{OURS} @{baseline}" if baseline else OURS_REDIS if store else OURS
+    return Target(name, port, process.pid, sink, close=close, store=store)
 
 
 # --- throughput ------------------------------------------------------------------------
@@ -345,6 +453,7 @@ class Run:
     cpu: float  # CPU seconds of the target's process tree during the run
     sink_cpu: float | None  # the same of its relay smtp-sink; None if the sink is the target
     error: str = ""
+    store: StoreUse | None = None  # what its redis-server did during the run, if it has one
 
     def figure(self, unit: str) -> float:
         """The run's rate in `unit`: msgs/s, rcpts/s or MB/s (10^6 payload bytes/s)."""
@@ -375,6 +484,7 @@ def smtp_source(target: Target, shape: Shape, messages: int, timeout: float) -> 
     before = target.sink.messages()
     peak, sent, error = 0, 0, ""
     next_sample = 0.0
+    store_before = target.store.use() if target.store else None
     cpu_before, sink_cpu_before = cpu_seconds(target.pid), cpu_seconds(sink)
     started = time.monotonic()
     deadline = started + timeout
@@ -407,8 +517,9 @@ def smtp_source(target: Target, shape: Shape, messages: int, timeout: float) -> 
     except TimeoutError:
         error = error or "the sink received fewer messages than were sent"
     sink_cpu = cpu_seconds(sink) - sink_cpu_before if sink != target.pid else None
+    store = target.store.use() - store_before if target.store else None
     return Run(shape, messages, seconds, target.sink.messages() - before, peak,
-               cpu_seconds(target.pid) - cpu_before, sink_cpu, error)
+               cpu_seconds(target.pid) - cpu_before, sink_cpu, error, store)
 
 
 def run_timeout(shape: Shape, messages: int) -> float:
@@ -430,10 +541,12 @@ def measure_throughput(targets: list[Target], shapes: list[Shape], counts: dict[
                 run = smtp_source(target, shape, messages, run_timeout(shape, messages))
                 unit = shape.units[0]
                 detail = f"  ERROR: {run.error}" if run.error else ""
+                store = (f", store: {run.store.round_trips()} round trips, "
+                         f"{run.store.gate_commands()} commands" if run.store else "")
                 print(f"  round {round_number}, {shape.key:6} {target.name:26} "
                       f"{number(run.figure(unit)):>6} {unit} ({run.relayed}/{messages} at "
                       f"the sink, {run.seconds:.1f} s, "
-                      f"{run.cpu / messages * 1e6:.0f} µs CPU/msg){detail}", flush=True)
+                      f"{run.cpu / messages * 1e6:.0f} µs CPU/msg{store}){detail}", flush=True)
                 results[target.name][shape.key].append(run)
     return results
 
@@ -593,25 +706,28 @@ def spread(values: list[float]) -> str:
 
 
 def ratio_rows(medians: dict[str, list[float | None]]) -> dict[str, list[str]]:
-    """Per column, Portcullis over the Postfix peer and over the baseline, where measured."""
-    ours = medians.get("Portcullis")
-    baseline = next((row for name, row in medians.items() if name.startswith("Portcullis @")),
+    """Per column, Portcullis over the Postfix peer and over the baseline, and its redis
+    store over its SQLite store, where measured."""
+    baseline = next((row for name, row in medians.items() if name.startswith(f"{OURS} @")),
                     None)
     rows = {}
-    for label, theirs in (("ratio Portcullis/Postfix", medians.get(PEER)),
-                          ("ratio Portcullis/baseline", baseline)):
+    for label, ours, theirs in (
+            ("ratio Portcullis/Postfix", medians.get(OURS), medians.get(PEER)),
+            ("ratio Portcullis/baseline", medians.get(OURS), baseline),
+            ("ratio redis/SQLite store", medians.get(OURS_REDIS), medians.get(OURS))):
         if ours and theirs:
             rows[label] = [f"{a / b:.2f}" if a and b else "n/a"
                            for a, b in zip(ours, theirs, strict=True)]
     return rows
 
 
-def print_table(title: str, columns: list[str], rows: dict[str, list[str]]) -> None:
+def print_table(title: str, columns: list[str], rows: dict[str, list[str]],
+                corner: str = "target") -> None:
     """Rows of targets (and ratios), right-aligned columns as wide as their widest cell."""
     widths = [max(len(column), *(len(cells[i]) for cells in rows.values()))
               for i, column in enumerate(columns)]
     print(f"\n=== {title} ===")
-    for name, cells in {"target": columns, **rows}.items():
+    for name, cells in {corner: columns, **rows}.items():
         print(f"{name:26}" + "".join(f"  {cell:>{width}}"
                                      for cell, width in zip(cells, widths, strict=True)))
 
@@ -668,6 +784,75 @@ def print_throughput(results: Results, shapes: list[Shape]) -> None:
           "target's relay sink is not in its tree; smtp-sink directly is its own sink)")
 
 
+def small_number(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.0f}" if value >= 100 else f"{value:.2f}" if value >= 1 else f"{value:.4f}"
+
+
+def print_store(results: Results, shapes: list[Shape],
+                whole: tuple[StoreUse, float] | None) -> None:
+    """The redis-store target against the SQLite one, and what its store did per message;
+    `whole`: what redis-server did over the whole measurement, and in how many seconds."""
+    with_redis, with_sqlite = results.get(OURS_REDIS), results.get(OURS)
+    if not with_redis:
+        return
+    rows = {}
+    if with_sqlite:
+        cells = []
+        for shape in shapes:
+            unit = shape.units[0]
+            ours = statistics.median(run.figure(unit) for run in with_redis[shape.key])
+            theirs = statistics.median(run.figure(unit) for run in with_sqlite[shape.key])
+            ratio = ours / theirs if ours and theirs else None
+            cells.append("n/a" if ratio is None
+                         else f"{ratio:.2f}" + ("*" if ratio < STORE_BOUND else ""))
+        rows["throughput redis/SQLite"] = cells
+
+    # The store's figures summed over rounds: a run may be shorter than a heartbeat.
+    totals = []
+    for shape in shapes:
+        runs = [run for run in with_redis[shape.key] if run.store and not run.error]
+        use = sum((run.store for run in runs[1:]), runs[0].store) if runs else None
+        totals.append((use, sum(run.messages for run in runs), sum(run.seconds for run in runs)))
+    figures = {
+        "round trips/msg": lambda use, messages, _: use.round_trips() / messages,
+        "  MULTI pipelines/msg": lambda use, messages, _: use.calls["exec"] / messages,
+        "  PINGs/msg": lambda use, messages, _: use.calls["ping"] / messages,
+        "commands/msg": lambda use, messages, _: use.gate_commands() / messages,
+        "round trips/s": lambda use, _, seconds: use.round_trips() / seconds,
+        "redis-server CPU µs/msg": lambda use, messages, _: use.cpu / messages * 1e6,
+    }
+    for label, figure in figures.items():
+        rows[label] = [small_number(figure(*total) if total[0] else None) for total in totals]
+    print_table(f"{OURS_REDIS} against {OURS} (SQLite store): throughput from the medians, "
+                "the store's figures summed over rounds", [shape.key for shape in shapes],
+                rows, corner="shape")
+    if whole:
+        use, seconds = whole
+        print(f"over the whole measurement ({seconds:.0f} s, the other targets' runs "
+              f"included): {use.round_trips()} round trips ({use.calls['ping']} PINGs, "
+              f"{use.calls['exec']} pipelines), {use.round_trips() / seconds:.1f}/s")
+    reconnected = sum(1 for runs in with_redis.values() for run in runs
+                      if run.store and run.store.connections)
+    if reconnected:
+        print(f"! the gate (re)connected to redis-server during {reconnected} run(s): its "
+              "connection setup and state load are in commands, not in round trips")
+    print("(From redis-server itself, INFO commandstats before and after each run, the "
+          "bench's own INFO left out;\n not from the gate's portcullis_reputation_store_total"
+          '{event="round_trips"}, which misses the PINGs on each process\'s\n subscriber '
+          "connection and reaches the metrics seconds late. Round trips = EXEC + PING: a "
+          "MULTI pipeline is\n one whatever it holds (its writes and its PUBLISH); commands: "
+          "all the server ran, pipelined ones included.\n Every gate process (admission, "
+          "workers) PINGs on its command connection after a second without a write\n and on "
+          "its subscriber connection after a second without a message. All recipients are "
+          "valid here, so\n the store has next to nothing to write (its writes are "
+          "invalid-recipient events, bans, pre-greet results):\n its round trips are mostly "
+          "heartbeats, fewer per message the faster the run. redis-server's CPU is not\n in "
+          f"the target's tree (the CPU table above). * = below {STORE_BOUND:.0%} of the SQLite "
+          "store's throughput)")
+
+
 def print_idle(idle: dict[str, IdleResult]) -> None:
     print("\n=== idle connections (silent clients from "
           f"{IDLE_SOURCES[0]}-{IDLE_SOURCES[-1]}; banner = a complete 2xx greeting) ===")
@@ -699,8 +884,9 @@ def main() -> int:
     parser.add_argument("--idle", type=int, help="idle connections to hold (10000)")
     parser.add_argument("--idle-peer", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the idle test against the Postfix peer")
-    parser.add_argument("--targets", default="sink,postfix,portcullis",
-                        help="comma-separated subset of sink,postfix,portcullis")
+    parser.add_argument("--targets", default="sink,postfix,portcullis,portcullis-redis",
+                        help="comma-separated subset of sink,postfix,portcullis,portcullis-redis"
+                        " (all; portcullis-redis: reputation.store redis, a private redis-server)")
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure Portcullis as of this git revision")
     parser.add_argument("--quick", action="store_true",
@@ -742,11 +928,14 @@ def main() -> int:
         starters = {
             "sink": ("smtp-sink directly", lambda: start_sink_target(workdir), False),
             "postfix": (PEER, lambda: start_postfix_proxy(workdir), args.idle_peer),
-            "portcullis": ("Portcullis", lambda: start_portcullis(workdir, args.idle), True),
+            "portcullis": (OURS, lambda: start_portcullis(workdir, args.idle), True),
+            # The idle test does not touch the store: run it once, with the SQLite one.
+            "portcullis-redis": (OURS_REDIS, lambda: start_portcullis(
+                workdir, args.idle, store=FleetStore(workdir / "redis")), False),
         }
         keys = args.targets.split(",")
         if args.baseline:
-            starters["baseline"] = (f"Portcullis @{args.baseline}", lambda: start_portcullis(
+            starters["baseline"] = (f"{OURS} @{args.baseline}", lambda: start_portcullis(
                 workdir, args.idle, args.baseline), False)
             keys.append("baseline")
         unknown = set(keys) - set(starters)
@@ -765,8 +954,12 @@ def main() -> int:
                 print(f"{name}: started; warm-up with {args.warmup} messages", flush=True)
                 smtp_source(target, SHAPES[0], args.warmup, timeout=300)  # s20
                 running.append((target, idle_test))
+            stores = [target.store for target, _ in running if target.store]
+            for store in stores:
+                store.mark()
             results = measure_throughput([target for target, _ in running], shapes, counts,
                                          args.rounds)
+            store_whole = stores[0].since_mark() if stores else None
             while running:
                 target, idle_test = running.pop(0)
                 try:
@@ -781,6 +974,7 @@ def main() -> int:
                 target.close()
     if shapes and results:
         print_throughput(results, shapes)
+        print_store(results, shapes, store_whole)
     if idle:
         print_idle(idle)
     print(f"\nload average at the end {os.getloadavg()[0]:.2f} "

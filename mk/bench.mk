@@ -5,6 +5,10 @@
 # recipients per message (rcpt50), 1 MiB messages at 10 sessions (mib, also MB/s), and
 # silent connections held open (idle). It prints msgs/s median (min-max), the CPU time
 # per message of each target and of its relay sink, and peak memory.
+# Portcullis runs twice: as shipped (SQLite store) and with reputation.store: redis on a
+# private redis-server (target portcullis-redis); a table gives redis/SQLite per shape and
+# the store's round trips per message, counted by redis-server (EXEC + PING, heartbeats
+# included). BENCH_ARGS=--targets=portcullis,portcullis-redis runs only those two.
 # BENCH_ARGS=--shapes=s20,mib runs some of them.
 # `make bench-memory`: gate PSS and evictions under 50,000 IPv6 clients (bench/ipv6_sources.py).
 # BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--quick`.
