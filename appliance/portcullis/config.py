@@ -771,7 +771,7 @@ def check(config: Config) -> Config:
     """What `serve` needs from the system before it binds; ConfigError on the first problem.
     Nothing is created: a directory that does not exist only has to be creatable."""
     _check_listeners(config)
-    if config.reputation.store == "sqlite":
+    if config.reputation.store in ("sqlite", "redis"):
         _check_directory(config, "state_dir")
     if config.recipients.source == "static":
         from .policy.recipients import RecipientListError, parse_recipient_list

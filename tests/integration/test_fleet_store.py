@@ -1,7 +1,8 @@
 """The fleet's reputation store (policy/fleet.py) against a real redis-server.
 
-Several stores in one event loop stand for the processes of several appliances; the
-server is killed, hung and restarted to see what each keeps doing meanwhile.
+Several stores in one event loop stand for the processes of several appliances (each
+appliance its own state_dir); the server is killed, hung and restarted to see what each
+keeps doing meanwhile.
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ import asyncio
 import time
 
 import pytest
-
+import yaml
 from portcullis import config
 from portcullis.policy import reputation
 from portcullis.policy.fleet import RedisStore
+
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.integration
@@ -27,16 +29,15 @@ def server(tmp_path):
         yield running
 
 
-def settings(server: RedisServer, **overrides):
+def store(server: RedisServer, appliance: str, read_events: bool = True,
+          **overrides) -> RedisStore:
+    """A process of `appliance` (its state_dir under the server's directory)."""
     document = {"hostname": "mx.example.test", "relay_domains": ["example.test"],
                 "backend": {"servers": ["127.0.0.1:2525"]},
+                "state_dir": str(server.workdir / appliance),
                 "reputation": server.settings(**overrides)}
-    import yaml
-    return config.loads(yaml.safe_dump(document), "fleet.yaml")
-
-
-def store(server: RedisServer, read_events: bool = True, **overrides) -> RedisStore:
-    opened = reputation.open_store(settings(server, **overrides), read_events=read_events)
+    opened = reputation.open_store(config.loads(yaml.safe_dump(document), "fleet.yaml"),
+                                   read_events=read_events)
     assert isinstance(opened, RedisStore)
     return opened
 
@@ -59,7 +60,7 @@ async def started(*stores: RedisStore) -> None:
 
 def test_events_are_counted_fleet_wide_once(server):
     async def scenario():
-        a, b = store(server), store(server)
+        a, b = store(server, "a"), store(server, "b")
         await started(a, b)
         now = time.time()
         for n in range(3):
@@ -68,7 +69,7 @@ def test_events_are_counted_fleet_wide_once(server):
         await until(lambda: a.count_events("192.0.2.7", now) == 4
                     and b.count_events("192.0.2.7", now) == 4)
         # A late process loads them: each counted once, though also published meanwhile.
-        c = store(server)
+        c = store(server, "c")
         await started(c)
         await asyncio.sleep(0.1)
         counted = c.count_events("192.0.2.7", now)
@@ -85,7 +86,7 @@ def test_events_are_counted_fleet_wide_once(server):
 
 def test_a_ban_reaches_every_process_and_the_longer_one_wins(server):
     async def scenario():
-        a, b = store(server), store(server, read_events=False)
+        a, b = store(server, "a"), store(server, "b", read_events=False)
         told = []
         b.on_ban = told.append
         await started(a, b)
@@ -108,7 +109,7 @@ def test_a_ban_reaches_every_process_and_the_longer_one_wins(server):
 
 def test_an_unban_reaches_every_process(server):
     async def scenario():
-        a, b = store(server), store(server)
+        a, b = store(server, "a"), store(server, "b")
         await started(a, b)
         now = time.time()
         a.ban("203.0.113.5", now + 3600, "DHA_BAN")
@@ -126,14 +127,14 @@ def test_an_unban_reaches_every_process(server):
 
 def test_pregreet_results_are_shared(server):
     async def scenario():
-        a, b = store(server, read_events=False), store(server, read_events=False)
+        a, b = store(server, "a", read_events=False), store(server, "b", read_events=False)
         heard = []
         b.on_pregreet = lambda client, passed, until_: heard.append((client, passed))
         await started(a, b)
         a.note_pregreet("192.0.2.1", True, time.time() + 60)
         a.note_pregreet("192.0.2.2", False, time.time() + 60)
         await until(lambda: len(heard) == 2)
-        late = store(server, read_events=False)
+        late = store(server, "late", read_events=False)
         loaded = []
         late.on_pregreet = lambda client, passed, until_: loaded.append((client, passed))
         await started(late)
@@ -149,7 +150,7 @@ def test_pregreet_results_are_shared(server):
 @pytest.mark.parametrize("fault", ["killed", "hung"])
 def test_a_lost_server_never_blocks_and_what_was_decided_meanwhile_is_shared(server, fault):
     async def scenario():
-        a, b = store(server), store(server)
+        a, b = store(server, "a"), store(server, "b")
         told = []
         b.on_ban = told.append
         await started(a, b)
@@ -177,7 +178,7 @@ def test_a_lost_server_never_blocks_and_what_was_decided_meanwhile_is_shared(ser
             await each.aclose()
         return lost, slowest, local, back, told, counts
 
-    lost, slowest, local, back, told, counts = asyncio.run(scenario())
+    lost, slowest, local, _, told, counts = asyncio.run(scenario())
     assert lost < 0.3 + 1.0 + 1.0  # timeout + heartbeat, and a margin for the test's polling
     assert slowest < 0.01
     assert local == (20, 0)
@@ -187,7 +188,7 @@ def test_a_lost_server_never_blocks_and_what_was_decided_meanwhile_is_shared(ser
 
 def test_a_malformed_message_is_counted_and_ignored(server):
     async def scenario():
-        a, b = store(server), store(server)
+        a, b = store(server, "a"), store(server, "b")
         await started(a, b)
         server.cli("PUBLISH", "portcullis:events", "not json")
         server.cli("PUBLISH", "portcullis:events", '["x", [["e"]]]')
@@ -206,7 +207,7 @@ def test_a_server_that_refuses_the_password_means_local_counting(server, tmp_pat
     wrong.write_text("nope\n")
 
     async def scenario():
-        a = store(server, password_file=str(wrong))
+        a = store(server, "a", password_file=str(wrong))
         a.start()
         await asyncio.sleep(1.0)
         a.add_event("192.0.2.4", time.time())
@@ -215,3 +216,29 @@ def test_a_server_that_refuses_the_password_means_local_counting(server, tmp_pat
         return result
 
     assert asyncio.run(scenario()) == (False, 1)
+
+
+def test_processes_of_one_appliance_count_each_event_once(server):
+    """They hear each other both through their SQLite file and on the channel: an event
+    is counted once, also after a process loads from the file and from the server."""
+
+    async def scenario():
+        worker1, worker2 = store(server, "a"), store(server, "a")
+        other = store(server, "b")
+        await started(worker1, worker2, other)
+        now = time.time()
+        worker1.add_event("192.0.2.8", now)
+        worker2.add_event("192.0.2.8", now + 1)
+        await until(lambda: other.count_events("192.0.2.8", now) == 2)
+        await asyncio.to_thread(worker1.flush)
+        await asyncio.to_thread(worker2.flush)
+        restarted = store(server, "a")  # loads both from SQLite and from the server
+        await started(restarted)
+        await asyncio.sleep(0.1)
+        counts = [each.count_events("192.0.2.8", now)
+                  for each in (worker1, worker2, other, restarted)]
+        for each in (worker1, worker2, other, restarted):
+            await each.aclose()
+        return counts
+
+    assert asyncio.run(scenario()) == [2, 2, 2, 2]

@@ -83,7 +83,6 @@ def appliance_lab(workdir: Path, appliance_address: str = "10.251.0.1/24",
                                ).stdout.split()[1]
         for extra in client_addresses[1:]:
             client.run(["ip", "addr", "add", extra, "dev", interface])
-        appliance.run(["nft", "-f", "-"], input=RULESET)
         with contextlib.ExitStack() as stack:
             backend = PostfixBackend(run_in=appliance.prefix([]))
             stack.callback(backend.close)
@@ -93,13 +92,18 @@ def appliance_lab(workdir: Path, appliance_address: str = "10.251.0.1/24",
                 dns = stack.enter_context(
                     DnsServer(workdir / "dns", dns_records, run_in=appliance.prefix([])))
                 settings["dns"] = {"nameservers": [dns.nameserver]}
-            log_path = _start_gate(appliance, backend, workdir, merged(settings, gate_settings))
+            log_path = start_gate(appliance, f"127.0.0.1:{backend.port}", workdir,
+                                  merged(settings, gate_settings))
             stack.callback(appliance.stop_processes)
             yield Lab(appliance, client, backend, log_path)
 
 
-def _start_gate(appliance: netns.Namespace, backend: PostfixBackend, workdir: Path,
-                settings: dict) -> Path:
+def start_gate(appliance: netns.Namespace, backend_server: str, workdir: Path,
+               settings: dict) -> Path:
+    """The ban helper, its nftables sets and the gate in `appliance`, relaying to
+    backend_server (host:port); the log file both write to."""
+    appliance.run(["nft", "-f", "-"], input=RULESET)
+    workdir.mkdir(parents=True, exist_ok=True)
     recipients = workdir / "recipients"
     recipients.write_text("".join(f"{address}\n" for address in VALID))
     ban_socket = workdir / "ban.sock"
@@ -110,7 +114,7 @@ def _start_gate(appliance: netns.Namespace, backend: PostfixBackend, workdir: Pa
         "relay_domains": ["example.test"],
         "workers": 2,
         "recipients": {"file": str(recipients)},
-        "backend": {"servers": [f"127.0.0.1:{backend.port}"]},
+        "backend": {"servers": [backend_server]},
         "state_dir": str(workdir / "state"),
         "tls": {"generated_dir": str(workdir / "tls")},
         "ban_socket": str(ban_socket),

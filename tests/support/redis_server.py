@@ -15,17 +15,22 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
-from tests.support.tools import free_port, port_accepts, require_tool, stop_process, wait_until
+from tests.support.tools import free_port, require_tool, stop_process, wait_until
 
 USER = "gate"
 PASSWORD = "fleet-secret"
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None):
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None,
+                 run_in: Sequence[str] = ()):
+        """run_in: a command prefix, e.g. to run it in a network namespace."""
         self.binary = require_tool("redis-server", "redis-server")
+        self.run_in = list(run_in)
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -48,10 +53,10 @@ class RedisServer:
         return f"redis://{self.host}:{self.port}/0"
 
     def start(self) -> RedisServer:
-        self.process = subprocess.Popen([self.binary, str(self.config)],
+        self.process = subprocess.Popen([*self.run_in, self.binary, str(self.config)],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_until(lambda: port_accepts(self.host, self.port) or self.process.poll() is not None,
-                   10, "redis-server to listen")
+        wait_until(lambda: self.process.poll() is not None or self._answers(), 10,
+                   "redis-server to answer", interval=0.05)
         if self.process.poll() is not None:
             raise RuntimeError(f"redis-server exited: {self.process.stderr.read().decode()}"
                                f"{(self.workdir / 'redis.log').read_text()}")
@@ -69,10 +74,16 @@ class RedisServer:
     def resume(self) -> None:
         os.kill(self.process.pid, signal.SIGCONT)
 
+    def _answers(self) -> bool:
+        try:
+            return self.cli("PING") == "PONG"
+        except subprocess.CalledProcessError:
+            return False
+
     def cli(self, *command: str) -> str:
         """One command through redis-cli as the gate's user; its output."""
         result = subprocess.run(
-            ["redis-cli", "-h", self.host, "-p", str(self.port), "--user", USER, "--pass",
+            [*self.run_in, "redis-cli", "-h", self.host, "-p", str(self.port), "--user", USER, "--pass",
              PASSWORD, "--no-auth-warning", *command],
             capture_output=True, text=True, timeout=10, check=True)
         return result.stdout.strip()
@@ -92,7 +103,7 @@ class RedisServer:
                 pass
         stop_process(self.process)
 
-    def __enter__(self) -> RedisServer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -1,16 +1,18 @@
 """The fleet's shared reputation store: Valkey or Redis (`reputation.store: redis`).
 
 Several appliances behind several MX records count one attacker together. Each gate
-process keeps a mirror of the fleet's state in memory, as SqliteStore does, so every
-read on the hot path is local and no SMTP reply waits on the network:
+process keeps the fleet's state in memory, on top of its appliance's SQLite store
+(SqliteStore), so every read on the hot path is local and no SMTP reply waits on the
+network:
 
     write (add_event, ban, unban, note_pregreet)
-      -> the mirror, at once
+      -> memory and the appliance's SQLite file, as on a single appliance (so bans
+         survive a restart, and the appliance's processes share while the server is away)
       -> a queue; a task sends it in one MULTI pipeline per batch, which also PUBLISHes
          the batch on the fleet's channel
-    every process of every gate SUBSCRIBEs to the channel and merges others' batches
-      into its mirror (within milliseconds); a ban reaches on_ban, which the admission
-      process points at the ban helper, so the ban lands in every kernel set
+    every process of every gate SUBSCRIBEs to the channel and merges the others'
+      batches into its memory (within milliseconds); a ban reaches on_ban, which the
+      admission process points at the ban helper, so the ban lands in every kernel set
 
 Keys under reputation.redis.key_prefix (default "portcullis:"):
 
@@ -23,11 +25,11 @@ Keys under reputation.redis.key_prefix (default "portcullis:"):
     events                  the channel (JSON batches: [writer, [operation, ...]])
 
 On (re)connect a process subscribes first, then loads the bans, events and pre-greet
-results in force, so it misses nothing in between; an event seen twice (loaded and
-published) is counted once, by its time.
+results in force, so it misses nothing in between. An event seen twice (loaded,
+published, or read from the SQLite file) is counted once: it is known by its time.
 
-Failure never stops mail. The mirror keeps counting locally when the server is down,
-slow or unreachable: every exchange is bounded by reputation.redis.timeout, a heartbeat
+Failure never stops mail. Each appliance counts by itself, as a single one does, when
+the server is down, slow or unreachable: every exchange is bounded by reputation.redis.timeout, a heartbeat
 every HEARTBEAT seconds notices a silent partition, and the loss is logged once and
 counted (`outages`). Writes made meanwhile wait in a bounded queue (bans by key, so
 none is lost to a flood of events) and are sent and published when the server is back;
@@ -41,19 +43,17 @@ import collections
 import contextlib
 import json
 import logging
-import os
-import secrets
 import time
 from collections.abc import Callable, Iterator
 
 from ..bounded import BoundedTable
-from .reputation import Ban, MemoryStore, ReputationStoreError
+from .reputation import Ban, MemoryStore, ReputationStoreError, SqliteStore
 
 log = logging.getLogger("portcullis.fleet")
 
 HEARTBEAT = 1.0  # seconds of silence before the connection is checked with a PING
 BACKOFF_MIN = 0.5  # seconds before the first reconnection
-BACKOFF_MAX = 30.0
+BACKOFF_MAX = 10.0
 MAX_BATCH = 500  # operations per pipeline and per published message
 MAX_QUEUED = 100_000  # events and pre-greet results waiting while the server is away
 SCAN_COUNT = 1000
@@ -69,21 +69,19 @@ return 1
 """
 
 
-class RedisStore(MemoryStore):
-    """The mirror and its link to the shared server; see the module doc. on_ban and
+class RedisStore(SqliteStore):
+    """The appliance's store, shared with the fleet; see the module doc. on_ban and
     on_pregreet are called for other processes' bans and pre-greet results, including
     those loaded on (re)connect; neither may block."""
 
-    def __init__(self, settings, retention: float, max_events_per_key: int = 256,
-                 max_keys: int = 100_000, read_events: bool = True,
-                 clock: Callable[[], float] = time.time):
-        super().__init__(retention, max_events_per_key, max_keys)
+    def __init__(self, settings, path: str, retention: float, max_events_per_key: int = 256,
+                 max_keys: int = 100_000, sync_interval: float = 1.0,
+                 clock: Callable[[], float] = time.time, read_events: bool = True):
+        super().__init__(path, retention, max_events_per_key, max_keys, sync_interval, clock,
+                         read_events)
         self.settings = settings
-        self.read_events = read_events  # False: others' events are not kept (bans only)
         self.shared = False  # connected, subscribed and loaded
-        self._clock = clock
         self._password = _first_line(settings.password_file) if settings.password_file else None
-        self._writer = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._channel = settings.key_prefix + "events"
         self._queued: collections.deque = collections.deque()  # events, pre-greet results
         self._queued_bans = BoundedTable(max_keys)  # key -> its last ban or unban
@@ -94,7 +92,7 @@ class RedisStore(MemoryStore):
         self._sequence = 0  # makes each event's member in its sorted set unique
         self._counts = collections.Counter()  # round_trips, outages, dropped, bad_messages
 
-    # -- the interface: the mirror now, the server soon -------------------------------
+    # -- the interface: memory and SQLite now, the fleet soon -----------------------
 
     def add_event(self, key: str, at: float) -> None:
         super().add_event(key, at)
@@ -150,10 +148,12 @@ class RedisStore(MemoryStore):
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+        super().close()
 
     def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
+        super().close()
 
     async def _keep_shared(self) -> None:
         backoff = BACKOFF_MIN
@@ -185,7 +185,7 @@ class RedisStore(MemoryStore):
             decode_responses=True, **tls)
         self._pubsub = self._client.pubsub(ignore_subscribe_messages=True)
         await self._bounded(self._pubsub.subscribe(self._channel))
-        await self._load()
+        await self._load_fleet()
         if not self.shared:
             self.shared = True
             log.info("reputation store %s: sharing with the fleet", _where(settings.url))
@@ -248,7 +248,7 @@ class RedisStore(MemoryStore):
             pipe = self._client.pipeline(transaction=True)
             for operation in operations:
                 self._stage(pipe, operation)
-            pipe.publish(self._channel, json.dumps([self._writer, operations]))
+            pipe.publish(self._channel, json.dumps([self._writer_id, operations]))
             await self._bounded(pipe.execute())
             self._counts["round_trips"] += 1
             for key, operation in bans:
@@ -264,7 +264,7 @@ class RedisStore(MemoryStore):
             (at,) = rest
             name = prefix + "ev:" + key
             self._sequence += 1
-            pipe.zadd(name, {f"{at!r} {self._writer} {self._sequence}": at})
+            pipe.zadd(name, {f"{at!r} {self._writer_id} {self._sequence}": at})
             pipe.zremrangebyscore(name, "-inf", f"({at - self.retention!r}")
             pipe.zremrangebyrank(name, 0, -self.max_events_per_key - 1)
             pipe.pexpire(name, int(self.retention * 1000) + 1)
@@ -295,7 +295,7 @@ class RedisStore(MemoryStore):
     def _merge_published(self, data: str) -> None:
         try:
             writer, operations = json.loads(data)
-            if writer == self._writer:
+            if writer == self._writer_id:
                 return
             for kind, key, *rest in operations:
                 self._merge(kind, str(key), rest)
@@ -306,7 +306,7 @@ class RedisStore(MemoryStore):
     def _merge(self, kind: str, key: str, rest: list) -> None:
         if kind == "e":
             if self.read_events:
-                self._merge_event(key, float(rest[0]))
+                self.merge_event(key, float(rest[0]))
         elif kind == "b":
             self._merge_ban(Ban(key, float(rest[0]), str(rest[1])))
         elif kind == "u":
@@ -317,12 +317,6 @@ class RedisStore(MemoryStore):
         else:
             raise ValueError(f"unknown operation {kind!r}")
 
-    def _merge_event(self, key: str, at: float) -> None:
-        """Count another process's event once, however often it is seen."""
-        times = self._events.get(key)
-        if not times or at not in times:
-            MemoryStore.add_event(self, key, at)
-
     def _merge_ban(self, ban: Ban) -> None:
         current = self._bans.get(ban.key)
         MemoryStore.ban(self, ban.key, ban.until, ban.label)
@@ -331,7 +325,7 @@ class RedisStore(MemoryStore):
 
     # -- loading ---------------------------------------------------------------------------
 
-    async def _load(self) -> None:
+    async def _load_fleet(self) -> None:
         """Merge what is in force on the server: bans, events, pre-greet results."""
         prefix = self.settings.key_prefix
         now = self._clock()
@@ -344,7 +338,7 @@ class RedisStore(MemoryStore):
             async for name, members in self._scan(prefix + "ev:*", "zrange_scores"):
                 for _, at in members:
                     if at >= since:
-                        self._merge_event(name[len(prefix) + 3:], at)
+                        self.merge_event(name[len(prefix) + 3:], at)
         if self.on_pregreet is not None:
             async for name, value in self._scan(prefix + "pg:*", "get"):
                 until, _, passed = value.partition(" ")

@@ -152,6 +152,13 @@ class MemoryStore(ReputationStore):
             return 0
         return len(times) - bisect.bisect_left(times, since)
 
+    def merge_event(self, key: str, at: float) -> None:
+        """Another process's event, counted once however often it is seen (an event
+        is known by its key and its time)."""
+        times = self._events.get(key)
+        if not times or at not in times:
+            MemoryStore.add_event(self, key, at)
+
     def ban(self, key: str, until: float, label: str) -> None:
         current = self._bans.get(key)
         if current is None or until > current.until:
@@ -332,7 +339,7 @@ class SqliteStore(MemoryStore):
             elif kind == "unban":
                 super().unban(*row)
             else:
-                super().add_event(*row)
+                self.merge_event(*row)
 
     # -- the writer thread -----------------------------------------------------------
 
@@ -447,9 +454,10 @@ def open_store(config, clock: Callable[[], float] = time.time,
     max_keys = config.limits.max_tracked_clients
     if config.reputation.store == "memory":
         return MemoryStore(retention, max_events, max_keys)
+    path = os.path.join(config.state_dir, DATABASE_NAME)
     if config.reputation.store == "redis":
         from .fleet import RedisStore
-        return RedisStore(config.reputation.redis, retention, max_events, max_keys,
-                          read_events, clock)
-    return SqliteStore(os.path.join(config.state_dir, DATABASE_NAME), retention, max_events,
-                       max_keys, config.reputation.sync_interval, clock, read_events)
+        return RedisStore(config.reputation.redis, path, retention, max_events, max_keys,
+                          config.reputation.sync_interval, clock, read_events)
+    return SqliteStore(path, retention, max_events, max_keys, config.reputation.sync_interval,
+                       clock, read_events)
