@@ -87,12 +87,32 @@ class BanClient:
 
     def request_ban(self, address: str, seconds: int) -> None:
         """Start ban() without waiting for it (DhaEngine's on_ban). Needs a running loop."""
+        self._start(self.ban(address, seconds), address, seconds)
+
+    def request_unban(self, network: str) -> None:
+        """Take every address inside network out of the sets, without waiting (a ban
+        another appliance of a fleet lifted). Needs a running loop."""
+        self._start(self._unban_inside(network), network, 0)
+
+    async def _unban_inside(self, network: str) -> None:
+        lifted = ipaddress.ip_network(network)
+        try:
+            for address in await self.elements():
+                if ipaddress.ip_address(address) in lifted:
+                    await self.unban(address)
+        except BanHelperError as e:
+            self.failed += 1
+            log.warning("could not lift the ban on %s: %s", network, e)
+
+    def _start(self, request, address: str, seconds: int) -> None:
         if len(self._pending) >= self.max_pending:
+            request.close()
             self._failure(address, seconds, f"{self.max_pending} requests already pending")
             return
         try:
-            task = asyncio.get_running_loop().create_task(self.ban(address, seconds))
+            task = asyncio.get_running_loop().create_task(request)
         except RuntimeError:
+            request.close()
             self._failure(address, seconds, "no running event loop")
             return
         self._pending.add(task)

@@ -104,6 +104,7 @@ class Gate:
         # A fleet's store tells of other gates' bans and pre-greet results (self.dha is
         # replaced on reload: look it up each time).
         self.store.on_ban = lambda ban: self.dha.enforce(ban)
+        self.store.on_unban = self._fleet_unban
         self.store.on_pregreet = self._fleet_pregreet
         self.refusals = logs.RateLimitedLines(log)  # a flood must not flood the journal
         self.registry.worker_usage.pids = lambda: [w.process.pid for w in self.workers
@@ -344,6 +345,12 @@ class Gate:
             self.table.pregreet_fail(ip, time.monotonic())
         self.store.note_pregreet(self.table.client_of(ip), passed,
                                  time.time() + self.config.limits.pregreet_ttl)
+
+    def _fleet_unban(self, key: str) -> None:
+        """Another appliance lifted a ban: lift it in this kernel set too."""
+        self.dha.lifted(key)
+        if self.bans:
+            self.bans.request_unban(key)
 
     def _fleet_pregreet(self, client: str, passed: bool, until: float) -> None:
         """Another gate's pre-greet result (until: wall-clock time)."""

@@ -30,7 +30,7 @@ from . import upstream
 from .addresses import canonical, client_of, prefix_of_text
 from .config import Backend, Config, ConfigError, DnsListSite, HostPort
 from .firewall import BanClient, BanHelperError
-from .policy import reputation
+from .policy import fleet, reputation
 
 log = logging.getLogger("portcullis.operator")
 
@@ -152,14 +152,26 @@ def probe_backend(server: HostPort, backend: Backend, timeout: float) -> str:
 
 
 def _store_health(config: Config) -> str:
-    if config.reputation.store != "sqlite":
+    if config.reputation.store == "memory":
         return "memory (each process its own; nothing to check)"
-    path = _store_path(config)
     try:
-        bans = reputation.read_bans(path, time.time())
-    except ConfigError as e:
-        return f"sqlite, {e}"
-    return f"sqlite {path}: readable, {len(bans)} active bans"
+        bans = _active_bans(config, time.time())
+    except (ConfigError, OperatorError) as e:
+        return f"{config.reputation.store}, {e}"
+    if config.reputation.store == "redis":
+        return f"redis {fleet.where(config.reputation.redis.url)}: reachable, " \
+               f"{len(bans)} active bans in the fleet"
+    return f"sqlite {_store_path(config)}: readable, {len(bans)} active bans"
+
+
+def _active_bans(config: Config, now: float) -> list[reputation.Ban]:
+    """The bans in force, soonest to end first: the appliance's (SQLite), or with the
+    fleet's store, the fleet's."""
+    if config.reputation.store != "redis":
+        return reputation.read_bans(_store_path(config), now)
+    with _store(config) as store:
+        bans = store.active_bans(now)
+    return sorted(bans, key=lambda ban: ban.until)
 
 
 # --- bans --------------------------------------------------------------------------------
@@ -170,7 +182,7 @@ def bans_list(config: Config) -> str:
     gate_status(config)
     now = time.time()
     try:
-        bans = reputation.read_bans(_store_path(config), now)
+        bans = _active_bans(config, now)
     except ConfigError as e:
         raise OperatorError(str(e)) from None
     kernel = _ask(_helper(config).elements())
@@ -262,7 +274,7 @@ def _inside(keys, network) -> list[str]:
 
 
 def _store_path(config: Config) -> str:
-    if config.reputation.store != "sqlite":
+    if config.reputation.store == "memory":
         raise OperatorError("reputation.store is memory: each gate process keeps its bans "
                             "to itself; use sqlite to manage them from here")
     return os.path.join(config.state_dir, reputation.DATABASE_NAME)
@@ -277,7 +289,13 @@ def _store(config: Config):
     except ConfigError as e:
         raise OperatorError(str(e)) from None
     try:
-        yield store
+        if config.reputation.store == "redis":  # and the fleet's, through its server
+            with fleet.connected(store):
+                yield store
+        else:
+            yield store
+    except ConfigError as e:
+        raise OperatorError(str(e)) from None
     finally:
         store.close()
     if store.write_errors:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import threading
 import time
 
@@ -167,3 +168,37 @@ def test_mail_flows_and_the_defence_holds_while_the_store_is_down(tmp_path):
         assert set(watch.first_seen) == {gate.gate for gate in others}
         assert all("sharing with the fleet" in gate.log_path.read_text()
                    for gate in fleet.gates)
+
+
+def operator(gate, *args: str) -> str:
+    """`portcullis ARGS -c <the gate's config>`, run on that gate's appliance."""
+    config = str(gate.log_path.parent / "portcullis.yaml")
+    result = gate.appliance.run([sys.executable, "-m", "portcullis.cli", *args, "-c", config],
+                                check=False)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_the_operators_bans_reach_the_whole_fleet(tmp_path):
+    client = "10.252.0.77"
+    with fleet_lab(tmp_path) as fleet:
+        first, others = fleet.gates[0], fleet.gates[1:]
+        assert "redis redis://10.252.0.254:6379/0: reachable" in operator(first, "status")
+        with KernelWatch(fleet.gates, client) as watch:
+            operator(first, "bans", "add", client, "600")
+            added_at = time.time()
+            watch.wait(5)
+        assert set(watch.first_seen) == {gate.gate for gate in fleet.gates}
+        listed = operator(others[1], "bans", "list")
+        assert f"{client} " in listed and "ADMIN_BAN" in listed
+        operator(first, "bans", "remove", client)
+        removed = time.monotonic()
+        deadline = removed + 5
+        while time.monotonic() < deadline and any(
+                client in gate.banned_in_kernel() for gate in fleet.gates):
+            time.sleep(0.05)
+        print(f"\noperator's ban in every kernel set {max(watch.first_seen.values()) - added_at:.2f}"
+              f" s after the command returned (negative: before); lifted everywhere "
+              f"{time.monotonic() - removed:.2f} s after")
+        assert all(client not in gate.banned_in_kernel() for gate in fleet.gates)
+        assert operator(others[0], "bans", "list") == "no bans\n"

@@ -204,6 +204,10 @@ class DhaEngine:
             now = self.clock()
             self._push(ban.key, ban.until, now)
 
+    def lifted(self, key: str) -> None:
+        """A ban on key was lifted elsewhere: a new one is sent to the firewall at once."""
+        self._pushed.pop(key, None)
+
     def housekeeping(self, now: float | None = None) -> None:
         """Take in other processes' writes, and every PURGE_INTERVAL forget what expired.
         Every entry point calls it, and every process's timer too, so an idle process

@@ -70,9 +70,9 @@ return 1
 
 
 class RedisStore(SqliteStore):
-    """The appliance's store, shared with the fleet; see the module doc. on_ban and
-    on_pregreet are called for other processes' bans and pre-greet results, including
-    those loaded on (re)connect; neither may block."""
+    """The appliance's store, shared with the fleet; see the module doc. on_ban,
+    on_unban and on_pregreet are called for other processes' decisions (bans and
+    pre-greet results also when loaded on (re)connect); none may block."""
 
     def __init__(self, settings, path: str, retention: float, max_events_per_key: int = 256,
                  max_keys: int = 100_000, sync_interval: float = 1.0,
@@ -188,7 +188,7 @@ class RedisStore(SqliteStore):
         await self._load_fleet()
         if not self.shared:
             self.shared = True
-            log.info("reputation store %s: sharing with the fleet", _where(settings.url))
+            log.info("reputation store %s: sharing with the fleet", where(settings.url))
         return self._pubsub
 
     async def _disconnect(self) -> None:
@@ -203,9 +203,9 @@ class RedisStore(SqliteStore):
             self.shared = False
             self._counts["outages"] += 1
             log.error("reputation store %s: %s; counting locally until it is back",
-                      _where(self.settings.url), _reason(error))
+                      where(self.settings.url), _reason(error))
         else:
-            log.debug("reputation store %s: %s", _where(self.settings.url), _reason(error))
+            log.debug("reputation store %s: %s", where(self.settings.url), _reason(error))
 
     async def _exchange(self, pubsub) -> None:
         """Send and receive until either fails."""
@@ -310,7 +310,10 @@ class RedisStore(SqliteStore):
         elif kind == "b":
             self._merge_ban(Ban(key, float(rest[0]), str(rest[1])))
         elif kind == "u":
-            MemoryStore.unban(self, key)
+            if self._bans.get(key) is not None:
+                MemoryStore.unban(self, key)
+                if self.on_unban is not None:
+                    self.on_unban(key)
         elif kind == "p":
             if self.on_pregreet is not None:
                 self.on_pregreet(key, bool(rest[0]), float(rest[1]))
@@ -393,7 +396,7 @@ def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
 
-def _where(url: str) -> str:
+def where(url: str) -> str:
     """The URL without credentials, for log lines."""
     scheme, _, rest = url.partition("://")
     return f"{scheme}://{rest.rpartition('@')[2]}"
@@ -410,14 +413,14 @@ def connected(store: RedisStore):
             loop.run_until_complete(store._connect())
         except _failures() as e:
             raise ReputationStoreError(
-                f"key 'reputation.redis.url': cannot reach {_where(store.settings.url)}: "
+                f"key 'reputation.redis.url': cannot reach {where(store.settings.url)}: "
                 f"{_reason(e)}") from None
         yield store
         try:
             loop.run_until_complete(store._send_queued())
         except _failures() as e:
             raise ReputationStoreError(
-                f"cannot write to {_where(store.settings.url)}: {_reason(e)}") from None
+                f"cannot write to {where(store.settings.url)}: {_reason(e)}") from None
     finally:
         loop.run_until_complete(store._disconnect())
         loop.close()

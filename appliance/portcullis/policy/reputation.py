@@ -61,10 +61,11 @@ class ReputationStore(ABC):
     """Bans and timestamped events per key. Reads must be fast: they run per connection.
 
     A fleet's store also tells of other appliances' decisions: on_ban(ban) for a ban,
-    on_pregreet(client, passed, until) for a pre-greet result. `shared` is true while
-    it reaches the fleet."""
+    on_unban(key) for a lifted one, on_pregreet(client, passed, until) for a pre-greet
+    result. `shared` is true while it reaches the fleet."""
 
     on_ban: Callable[[Ban], None] | None = None
+    on_unban: Callable[[str], None] | None = None
     on_pregreet: Callable[[str, bool, float], None] | None = None
     shared = False
 
