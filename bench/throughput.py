@@ -52,7 +52,6 @@ import argparse
 import atexit
 import os
 import resource
-import secrets
 import selectors
 import shutil
 import smtplib
@@ -72,6 +71,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from tests.support import redis_server
 from tests.support.postfix import PostfixInstance
 from tests.support.redis_server import RedisServer
 from tests.support.tools import free_port, port_accepts, wait_until
@@ -242,20 +242,16 @@ class StoreUse:
 
 class FleetStore:
     """The redis-store target's private redis-server (tests/support/redis_server.py),
-    read through an admin user of its own: the gate's ACL user may not run INFO."""
-
-    ADMIN = "bench"
+    read through its admin user: the gate's ACL user may not run INFO."""
 
     def __init__(self, workdir: Path):
         try:
             self.server = RedisServer(workdir)
-            password = secrets.token_hex(16)
-            with open(self.server.config, "a") as config:
-                config.write(f"user {self.ADMIN} on >{password} ~* &* +@all\n")
             atexit.register(self.stop)
             self.server.start()
-            self.admin = redis.Redis(self.server.host, self.server.port, username=self.ADMIN,
-                                     password=password, socket_timeout=10,
+            self.admin = redis.Redis(self.server.host, self.server.port,
+                                     username=redis_server.ADMIN_USER,
+                                     password=redis_server.ADMIN_PASSWORD, socket_timeout=10,
                                      decode_responses=True)
             self.admin.ping()
         except (RuntimeError, OSError, redis.RedisError) as problem:

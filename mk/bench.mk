@@ -11,8 +11,9 @@
 # included). BENCH_ARGS=--targets=portcullis,portcullis-redis runs only those two.
 # BENCH_ARGS=--shapes=s20,mib runs some of them.
 # `make bench-memory`: gate PSS and evictions under 50,000 IPv6 clients (bench/ipv6_sources.py).
+# `make bench-fleet-memory`: bytes per tracked client in the fleet store (bench/fleet_memory.py).
 # BENCH_ARGS passes options through, e.g. `make bench BENCH_ARGS=--quick`.
-.PHONY: bench bench-memory
+.PHONY: bench bench-memory bench-fleet-memory
 BENCH_ARGS ?=
 
 bench: ## throughput against Postfix and smtp-sink (BENCH_ARGS=...)
@@ -22,3 +23,7 @@ bench: ## throughput against Postfix and smtp-sink (BENCH_ARGS=...)
 bench-memory: ## the gate's memory and evictions under 50,000 IPv6 clients
 	scripts/install-deps test bench
 	$(PY) bench/ipv6_sources.py $(BENCH_ARGS)
+
+bench-fleet-memory: ## bytes per tracked client in the fleet's Valkey/Redis store
+	scripts/install-deps test bench
+	$(PY) bench/fleet_memory.py $(BENCH_ARGS)

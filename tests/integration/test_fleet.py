@@ -156,6 +156,10 @@ def test_mail_flows_and_the_defence_holds_while_the_store_is_down(tmp_path):
         for gate in fleet.gates:
             log = gate.log_path.read_text()
             assert log.count("counting locally until it is back") == PROCESSES_PER_GATE
+            assert fleet.metric(gate, "portcullis_reputation_store_shared") == 0
+        time.sleep(3)  # workers report their counts every second
+        assert fleet.metric(first, 'portcullis_reputation_store_total{event="outages"}') \
+            == PROCESSES_PER_GATE
         # The store comes back: the ban decided meanwhile reaches the other gates.
         time.sleep(max(0.0, 6 - (time.monotonic() - lost_at)))
         fleet.store.start()
@@ -166,7 +170,8 @@ def test_mail_flows_and_the_defence_holds_while_the_store_is_down(tmp_path):
               f"the other gates' kernel sets {time.monotonic() - restarted:.1f} s after the "
               "store restarted")
         assert set(watch.first_seen) == {gate.gate for gate in others}
-        assert all("sharing with the fleet" in gate.log_path.read_text()
+        time.sleep(1.5)  # the gauge is set every second
+        assert all(fleet.metric(gate, "portcullis_reputation_store_shared") == 1
                    for gate in fleet.gates)
 
 

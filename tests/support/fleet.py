@@ -4,7 +4,7 @@
       10.252.0.254   redis-server (the fleet's store) and Postfix (the internal server)
       10.252.0.100   the attacker          10.252.0.101   a legitimate sender
     gate1..gateN namespaces: 10.252.0.1 ... , each with its own ban helper, nftables
-      ban sets and gate (`portcullis serve`, reputation.store: redis)
+      ban sets and gate (`portcullis serve`, reputation.store: redis; metrics on :9325)
 
 Each gate is a lab.Lab whose client namespace is the hub, so Lab's helpers (run_client,
 banned_in_kernel, session_lines) work per gate.
@@ -37,6 +37,14 @@ class Fleet:
     backend: PostfixBackend
     gates: list[Lab]
 
+    def metric(self, gate: Lab, name: str) -> float:
+        """A sample's value on the gate's Prometheus endpoint (its series summed)."""
+        fetch = ("import sys, urllib.request; sys.stdout.write(urllib.request.urlopen("
+                 f"'http://{gate.gate}:9325/metrics', timeout=5).read().decode())")
+        page = self.hub.run(["python3", "-c", fetch]).stdout
+        return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines()
+                   if line.startswith((name + " ", name + "{")))
+
 
 @contextlib.contextmanager
 def fleet_lab(workdir: Path, gates: int = 3, **gate_settings) -> Iterator[Fleet]:
@@ -59,7 +67,8 @@ def fleet_lab(workdir: Path, gates: int = 3, **gate_settings) -> Iterator[Fleet]
             log_path = start_gate(appliance, f"{SERVICES}:{backend.port}",
                                   workdir / f"gate{number}",
                                   merged({"reputation": store.settings(),
-                                          "listen": [f"{appliance.address}:25"]},
+                                          "listen": [f"{appliance.address}:25"],
+                                          "metrics": {"listen": f"{appliance.address}:9325"}},
                                          gate_settings))
             stack.callback(appliance.stop_processes)
             fleet.gates.append(Lab(appliance, hub, backend, log_path))

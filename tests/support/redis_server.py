@@ -23,6 +23,7 @@ from tests.support.tools import free_port, require_tool, stop_process, wait_unti
 
 USER = "gate"
 PASSWORD = "fleet-secret"
+ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-secret"  # for the tests' own reads (INFO)
 
 
 class RedisServer:
@@ -45,6 +46,7 @@ class RedisServer:
             # The gate's user: its keys and channel only, no dangerous commands.
             f"user {USER} on >{PASSWORD} ~portcullis:* &portcullis:* "
             "+@read +@write +@pubsub +@scripting +@transaction +ping -@dangerous\n"
+            f"user {ADMIN_USER} on >{ADMIN_PASSWORD} ~* &* +@all\n"
             "user default off\n")
         self.process: subprocess.Popen | None = None
 
@@ -80,11 +82,12 @@ class RedisServer:
         except subprocess.CalledProcessError:
             return False
 
-    def cli(self, *command: str) -> str:
-        """One command through redis-cli as the gate's user; its output."""
+    def cli(self, *command: str, admin: bool = False) -> str:
+        """One command through redis-cli as the gate's user (or the admin); its output."""
+        user, password = (ADMIN_USER, ADMIN_PASSWORD) if admin else (USER, PASSWORD)
         result = subprocess.run(
-            [*self.run_in, "redis-cli", "-h", self.host, "-p", str(self.port), "--user", USER, "--pass",
-             PASSWORD, "--no-auth-warning", *command],
+            [*self.run_in, "redis-cli", "-h", self.host, "-p", str(self.port), "--user", user,
+             "--pass", password, "--no-auth-warning", *command],
             capture_output=True, text=True, timeout=10, check=True)
         return result.stdout.strip()
 
