@@ -132,24 +132,33 @@ def test_a_harvest_spread_over_three_gates_is_banned_on_all_three(tmp_path):
         assert max(propagation.values()) < 1.0
 
 
-def test_mail_flows_and_the_defence_holds_while_the_store_is_down(tmp_path):
+def test_mail_flows_and_the_defence_holds_when_the_store_dies_mid_attack(tmp_path):
     # Without the store, a gate's processes share through their SQLite file, read every
     # sync_interval: shorter than the tarpit's delays, so the count is exact at the ban.
     with fleet_lab(tmp_path, dha=DHA, reputation={"sync_interval": 0.1}) as fleet:
         addresses = [gate.gate for gate in fleet.gates]
         first, others = fleet.gates[0], fleet.gates[1:]
-        fleet.store.kill()
-        lost_at = time.monotonic()
-        # Legitimate mail through every gate: each message accepted, and delivered once.
-        codes = first.run_client(SEND.format(gates=addresses, source=SENDER, count=6))
+        # A harvest on the first gate; the store dies once it has seen the first probe.
+        probes: list[dict] = []
+        attack = threading.Thread(
+            target=lambda: probes.extend(harvest(fleet, addresses, only=first.gate)))
+        with KernelWatch([first], ATTACKER) as watch:
+            attack.start()
+            deadline = time.monotonic() + 20
+            while fleet.store.cli("EXISTS", f"portcullis:ev:{ATTACKER}") != "1":
+                assert time.monotonic() < deadline, "the harvest never reached the store"
+                time.sleep(0.01)
+            fleet.store.kill()
+            lost_at = time.monotonic()
+            # Legitimate mail through every gate: each message accepted, delivered once.
+            codes = first.run_client(SEND.format(gates=addresses, source=SENDER, count=6))
+            attack.join(150)
+            watch.wait(5)
         assert codes == [250] * 6
         delivered = fleet.backend.wait_for("alice", 6, timeout=20)
         subjects = sorted(re.search(rb"Subject: (fleet \d+)", m).group(1) for m in delivered)
         assert subjects == [f"fleet {n}".encode() for n in range(6)]
-        # The harvest defence keeps working on each gate by itself.
-        with KernelWatch([first], ATTACKER) as watch:
-            probes = harvest(fleet, addresses, only=first.gate)
-            watch.wait(5)
+        # The harvest defence kept working on the gate by itself.
         assert len(answered_before_ban(probes)) < BAN_AFTER
         assert first.gate in watch.first_seen
         assert all(ATTACKER not in gate.banned_in_kernel() for gate in others)

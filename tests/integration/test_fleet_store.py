@@ -242,3 +242,28 @@ def test_processes_of_one_appliance_count_each_event_once(server):
         return counts
 
     assert asyncio.run(scenario()) == [2, 2, 2, 2]
+
+
+def test_tls_with_the_configured_ca(tmp_path):
+    """rediss:// verifies the server against reputation.redis.ca_file; a server the CA
+    did not sign is refused, and the gate counts locally."""
+    from tests.support.slapd import TestCertificates
+
+    trusted, stranger = TestCertificates(tmp_path / "ca"), TestCertificates(tmp_path / "other")
+
+    async def scenario(server, **overrides):
+        a, b = store(server, "a", **overrides), store(server, "b", **overrides)
+        a.start()
+        b.start()
+        await asyncio.sleep(1.0)
+        a.ban("192.0.2.9", time.time() + 60, "DHA_BAN")
+        await asyncio.sleep(0.3)
+        result = a.shared, b.ban_of("192.0.2.9", time.time()) is not None
+        for each in (a, b):
+            await each.aclose()
+        return result
+
+    with RedisServer(tmp_path / "tls", tls=trusted) as server:
+        assert server.url.startswith("rediss://")
+        assert asyncio.run(scenario(server)) == (True, True)
+        assert asyncio.run(scenario(server, ca_file=str(stranger.ca_cert))) == (False, False)

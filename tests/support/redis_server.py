@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
+from tests.support.slapd import TestCertificates
 from tests.support.tools import free_port, require_tool, stop_process, wait_until
 
 USER = "gate"
@@ -28,10 +29,12 @@ ADMIN_USER, ADMIN_PASSWORD = "admin", "admin-secret"  # for the tests' own reads
 
 class RedisServer:
     def __init__(self, workdir: Path, host: str = "127.0.0.1", port: int | None = None,
-                 run_in: Sequence[str] = ()):
-        """run_in: a command prefix, e.g. to run it in a network namespace."""
+                 run_in: Sequence[str] = (), tls: TestCertificates | None = None):
+        """run_in: a command prefix, e.g. to run it in a network namespace. With tls, the
+        port speaks TLS only (rediss://), with tls's server certificate."""
         self.binary = require_tool("redis-server", "redis-server")
         self.run_in = list(run_in)
+        self.tls = tls
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.host = host
@@ -39,8 +42,12 @@ class RedisServer:
         self.password_file = workdir / "redis.password"
         self.password_file.write_text(PASSWORD + "\n")
         self.config = workdir / "redis.conf"
+        listen = f"port {self.port}\n" if tls is None else (
+            f"port 0\ntls-port {self.port}\ntls-cert-file {tls.server_cert}\n"
+            f"tls-key-file {tls.server_key}\ntls-ca-cert-file {tls.ca_cert}\n"
+            "tls-auth-clients no\n")
         self.config.write_text(
-            f"bind {host}\nport {self.port}\nprotected-mode yes\ndir {workdir}\n"
+            f"bind {host}\n{listen}protected-mode yes\ndir {workdir}\n"
             'save ""\nappendonly no\ndaemonize no\nloglevel warning\n'
             f"logfile {workdir / 'redis.log'}\n"
             # The gate's user: its keys and channel only, no dangerous commands.
@@ -52,7 +59,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        return f"redis://{self.host}:{self.port}/0"
+        return f"{'redis' if self.tls is None else 'rediss'}://{self.host}:{self.port}/0"
 
     def start(self) -> RedisServer:
         self.process = subprocess.Popen([*self.run_in, self.binary, str(self.config)],
@@ -87,7 +94,9 @@ class RedisServer:
         user, password = (ADMIN_USER, ADMIN_PASSWORD) if admin else (USER, PASSWORD)
         result = subprocess.run(
             [*self.run_in, "redis-cli", "-h", self.host, "-p", str(self.port), "--user", user,
-             "--pass", password, "--no-auth-warning", *command],
+             "--pass", password, "--no-auth-warning",
+             *([] if self.tls is None else ["--tls", "--cacert", str(self.tls.ca_cert)]),
+             *command],
             capture_output=True, text=True, timeout=10, check=True)
         return result.stdout.strip()
 
@@ -95,6 +104,8 @@ class RedisServer:
         """The gate's reputation section for this server."""
         redis = {"url": self.url, "username": USER, "password_file": str(self.password_file),
                  "timeout": 0.3}
+        if self.tls is not None:
+            redis["ca_file"] = str(self.tls.ca_cert)
         redis.update(overrides)
         return {"store": "redis", "redis": redis}
 
