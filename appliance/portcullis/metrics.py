@@ -70,7 +70,7 @@ REASONS = (
 # The per-client tables that count evictions (admission.py, policy/dha.py, reputation.py).
 EVICTION_TABLES = ("pregreet", "connection_rate", "harvest", "bans", "ban_pushes")
 # What a fleet's reputation store counts (policy/fleet.py).
-STORE_EVENTS = ("round_trips", "outages", "dropped", "bad_messages")
+STORE_EVENTS = ("round_trips", "outages", "dropped", "rejected", "bad_messages")
 
 
 class HistogramSpec(NamedTuple):
@@ -287,7 +287,8 @@ class Registry:
             "portcullis_reputation_store",
             "A fleet's reputation store (reputation.store: redis), by event: round_trips "
             "(exchanges with the server), outages (times it was lost), dropped (writes lost "
-            "to a full queue while it was away), bad_messages (unreadable on the channel)",
+            "to a full queue while it was away), rejected (writes the server refused), "
+            "bad_messages (unreadable on the channel or in the store)",
             ("event",))
         self.store_shared = gauge(
             "portcullis_reputation_store_shared",

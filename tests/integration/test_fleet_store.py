@@ -267,3 +267,40 @@ def test_tls_with_the_configured_ca(tmp_path):
         assert server.url.startswith("rediss://")
         assert asyncio.run(scenario(server)) == (True, True)
         assert asyncio.run(scenario(server, ca_file=str(stranger.ca_cert))) == (False, False)
+
+
+def test_writes_the_server_refuses_are_dropped_not_retried(server):
+    """An ACL without a command the store needs: the batch is refused, counted and
+    dropped, and later writes still flow."""
+
+    async def scenario():
+        a, b = store(server, "a"), store(server, "b")
+        await started(a, b)
+        server.cli("ACL", "SETUSER", "gate", "-eval", admin=True)
+        a.ban("192.0.2.10", time.time() + 60, "DHA_BAN")
+        await asyncio.sleep(0.3)
+        a.add_event("192.0.2.11", time.time())
+        await until(lambda: b.count_events("192.0.2.11", 0) == 1)
+        result = a.take_counts(), b.ban_of("192.0.2.10", time.time()), a.shared
+        for each in (a, b):
+            await each.aclose()
+        return result
+
+    counts, ban_heard, shared = asyncio.run(scenario())
+    assert counts["rejected"] == 1 and ban_heard is None and shared
+
+
+def test_junk_in_the_store_is_skipped_when_loading(server):
+    server.cli("SET", "portcullis:ban:not-an-address", f"{time.time() + 60} DHA_BAN")
+    server.cli("SET", "portcullis:ban:192.0.2.12", "soon DHA_BAN")
+    server.cli("SET", "portcullis:ban:192.0.2.13", f"{time.time() + 60} DHA_BAN")
+
+    async def scenario():
+        a = store(server, "a")
+        await started(a)
+        result = a.ban_of("192.0.2.13", time.time()) is not None, a.take_counts()
+        await a.aclose()
+        return result
+
+    loaded, counts = asyncio.run(scenario())
+    assert loaded and counts["bad_messages"] == 2

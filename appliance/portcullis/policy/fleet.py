@@ -41,10 +41,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ipaddress
+import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from ..bounded import BoundedTable
 from .reputation import Ban, MemoryStore, ReputationStoreError, SqliteStore
@@ -90,7 +92,7 @@ class RedisStore(SqliteStore):
         self._client = None
         self._pubsub = None
         self._sequence = 0  # makes each event's member in its sorted set unique
-        self._counts = collections.Counter()  # round_trips, outages, dropped, bad_messages
+        self._counts = collections.Counter()  # see take_counts
 
     # -- the interface: memory and SQLite now, the fleet soon -----------------------
 
@@ -110,6 +112,8 @@ class RedisStore(SqliteStore):
         self._queue(("p", client, passed, until))
 
     def take_counts(self) -> dict[str, int]:
+        """round_trips, outages, dropped (queue full), rejected (refused by the server),
+        bad_messages (unreadable on the channel or in the store), since the last call."""
         counts, self._counts = dict(self._counts), collections.Counter()
         return counts
 
@@ -239,17 +243,25 @@ class RedisStore(SqliteStore):
                 self._counts["round_trips"] += 1
 
     async def _send_queued(self) -> None:
-        """Send everything queued, a batch per round trip; a batch leaves the queue only
-        once the server took it."""
+        """Send everything queued, a batch per round trip; a batch leaves the queue once
+        the server took it, or refused it (an ACL without a command it needs): a batch
+        that can never succeed must not stall the rest."""
+        from redis.exceptions import ResponseError
+
         while self._queued_bans or self._queued:
-            bans = list(self._queued_bans.items())[:MAX_BATCH]
-            events = list(_first(self._queued, MAX_BATCH - len(bans)))
+            bans = list(itertools.islice(self._queued_bans.items(), MAX_BATCH))
+            events = list(itertools.islice(self._queued, MAX_BATCH - len(bans)))
             operations = [operation for _, operation in bans] + events
             pipe = self._client.pipeline(transaction=True)
             for operation in operations:
                 self._stage(pipe, operation)
             pipe.publish(self._channel, json.dumps([self._writer_id, operations]))
-            await self._bounded(pipe.execute())
+            try:
+                await self._bounded(pipe.execute())
+            except ResponseError as e:  # refused, not lost: never retry it
+                self._counts["rejected"] += len(operations)
+                log.error("reputation store %s refused %d writes: %s",
+                          where(self.settings.url), len(operations), e)
             self._counts["round_trips"] += 1
             for key, operation in bans:
                 if self._queued_bans.get(key) is operation:
@@ -298,25 +310,31 @@ class RedisStore(SqliteStore):
             if writer == self._writer_id:
                 return
             for kind, key, *rest in operations:
-                self._merge(kind, str(key), rest)
-        except (ValueError, TypeError, IndexError) as e:
-            self._counts["bad_messages"] += 1
-            log.warning("reputation store: a malformed message on %s: %s", self._channel, e)
+                self._merge(kind, key, rest)
+        except (ValueError, TypeError) as e:
+            self._bad(f"a malformed message on {self._channel}: {e}")
 
     def _merge(self, kind: str, key: str, rest: list) -> None:
+        """One operation another process made; ValueError or TypeError if malformed."""
+        if not isinstance(key, str):
+            raise TypeError(f"key {key!r} is not a string")
+        ipaddress.ip_network(key)  # a client or a prefix, nothing else
         if kind == "e":
+            (at,) = rest
             if self.read_events:
-                self.merge_event(key, float(rest[0]))
+                self.merge_event(key, float(at))
         elif kind == "b":
-            self._merge_ban(Ban(key, float(rest[0]), str(rest[1])))
+            until, label = rest
+            self._merge_ban(Ban(key, float(until), str(label)))
         elif kind == "u":
             if self._bans.get(key) is not None:
                 MemoryStore.unban(self, key)
                 if self.on_unban is not None:
                     self.on_unban(key)
         elif kind == "p":
+            passed, until = rest
             if self.on_pregreet is not None:
-                self.on_pregreet(key, bool(rest[0]), float(rest[1]))
+                self.on_pregreet(key, bool(passed), float(until))
         else:
             raise ValueError(f"unknown operation {kind!r}")
 
@@ -326,27 +344,30 @@ class RedisStore(SqliteStore):
         if self.on_ban is not None and (current is None or ban.until > current.until):
             self.on_ban(ban)
 
+    def _bad(self, what: str) -> None:
+        self._counts["bad_messages"] += 1
+        log.warning("reputation store %s: %s", where(self.settings.url), what)
+
     # -- loading ---------------------------------------------------------------------------
 
     async def _load_fleet(self) -> None:
-        """Merge what is in force on the server: bans, events, pre-greet results."""
-        prefix = self.settings.key_prefix
+        """Merge what is in force on the server: bans, events, pre-greet results. What
+        cannot be read is counted and skipped."""
         now = self._clock()
-        async for name, value in self._scan(prefix + "ban:*", "get"):
-            until, _, label = value.partition(" ")
-            if float(until) > now:
-                self._merge_ban(Ban(name[len(prefix) + 4:], float(until), label))
+        loads = [("ban:", "b", "get")]
         if self.read_events:
-            since = now - self.retention
-            async for name, members in self._scan(prefix + "ev:*", "zrange_scores"):
-                for _, at in members:
-                    if at >= since:
-                        self.merge_event(name[len(prefix) + 3:], at)
+            loads.append(("ev:", "e", "zrange"))
         if self.on_pregreet is not None:
-            async for name, value in self._scan(prefix + "pg:*", "get"):
-                until, _, passed = value.partition(" ")
-                if float(until) > now:
-                    self.on_pregreet(name[len(prefix) + 3:], passed == "1", float(until))
+            loads.append(("pg:", "p", "get"))
+        for kind_prefix, kind, read in loads:
+            name_prefix = self.settings.key_prefix + kind_prefix
+            async for name, value in self._scan(name_prefix + "*", read):
+                key = name[len(name_prefix):]
+                try:
+                    for rest in _stored_operations(kind, value, now, now - self.retention):
+                        self._merge(kind, key, rest)
+                except (ValueError, TypeError) as e:
+                    self._bad(f"cannot read {name}: {e}")
 
     async def _scan(self, pattern: str, read: str):
         """(key, value) for at most max_keys keys matching pattern, a batch per trip."""
@@ -379,11 +400,15 @@ def _first_line(path: str) -> str:
         raise ReputationStoreError(f"key 'reputation.redis.password_file': {e}") from None
 
 
-def _first(queue: collections.deque, count: int) -> Iterator:
-    for index, item in enumerate(queue):
-        if index >= count:
-            return
-        yield item
+def _stored_operations(kind: str, value, now: float, since: float) -> list[list]:
+    """The operations a stored value stands for, as published ones carry them; those
+    no longer in force are left out."""
+    if kind == "e":
+        return [[at] for _, at in value if at >= since]
+    until, _, rest = value.partition(" ")
+    if float(until) <= now:
+        return []
+    return [[float(until), rest]] if kind == "b" else [[rest == "1", float(until)]]
 
 
 def _failures() -> tuple[type[BaseException], ...]:
