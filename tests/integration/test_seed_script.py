@@ -391,8 +391,112 @@ def test_dns_servers_are_opened_for_udp_and_tcp(box):
     ("backend", {"servers": ["mail.example.test:25"]}, "mail.example.test"),
     ("recipients", ldap_recipients("ldap://ldap.example.test"), "ldap.example.test"),
     ("dns", {"nameservers": ["dns.example.test:53"]}, "dns.example.test"),
+    ("reputation", {"store": "redis", "redis": {"url": "redis://store.example.test/0"}}, "store.example.test"),
 ])
 def test_a_server_named_by_host_name_fails_closed(box, section, value, host):
     result = box.apply(box.seed_dir(gate_config(box, **{section: value})))
     assert_failed_closed(result, host, "must be an IP address")
     assert "accept" not in box.rules().split('oif "lo" accept', 1)[1]
+
+
+@pytest.mark.parametrize(("url", "rule"), [
+    ("redis://192.0.2.63/0", "ip daddr 192.0.2.63 tcp dport 6379 accept"),
+    ("rediss://[2001:db8::63]:6380/0", "ip6 daddr 2001:db8::63 tcp dport 6380 accept"),
+])
+def test_the_fleet_store_is_opened(box, url, rule):
+    seed = box.seed_dir(gate_config(box, reputation={"store": "redis", "redis": {"url": url}}))
+    result = box.apply(seed)
+    assert result.returncode == 0, result.output
+    assert rule in box.rules()
+
+
+# --- 6: the fleet store's settings and files, from make-seed's fleet_store ---------------
+
+FLEET_PASSWORD = "fleet-seed-password"
+
+
+def make_ca(directory: Path) -> Path:
+    """A throw-away CA certificate, made by openssl."""
+    openssl = require_tool("openssl", "openssl")
+    run_checked([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+                 "-nodes", "-keyout", str(directory / "fleet-ca.key"), "-out", str(directory / "fleet-ca.pem"),
+                 "-days", "2", "-subj", "/CN=Portcullis test fleet CA"])
+    return directory / "fleet-ca.pem"
+
+
+def test_a_fleet_store_is_set_at_boot(box):
+    """make-seed's fleet_store: the seed's portcullis.yaml uses the store, its password is
+    installed readable by root and the gate's group only, its CA for everyone, and the
+    firewall opens the store. A later seed without one leaves no password behind."""
+    box.make_seed.BOX_CONFIG_DIR = str(box.config_dir)  # the paths make-seed writes into the config
+    site = box.root / "site"
+    site.mkdir()
+    (site / "portcullis.yaml").write_text(gate_config(box))
+    (site / "recipients").write_text("alice@example.test\n")
+    (site / "fleet.pass").write_text(FLEET_PASSWORD + "\n")
+    ca = make_ca(site)
+    (site / "site.yaml").write_text(textwrap.dedent("""\
+        gate_config: portcullis.yaml
+        recipients: recipients
+        fleet_store:
+          url: rediss://192.0.2.63:6380/0
+          username: gate
+          password_file: fleet.pass
+          ca_file: fleet-ca.pem
+        """))
+    box.make_seed.LABEL = box.label
+    assert box.make_seed.main([str(site / "site.yaml"), str(box.root / "seed.iso")]) == 0
+
+    result = box.apply(box.root / "seed.iso")
+
+    assert result.returncode == 0, result.output
+    store = box.config_dir / "fleet-store"
+    installed = yaml.safe_load((box.config_dir / "portcullis.yaml").read_text())
+    assert installed["reputation"] == {"store": "redis", "redis": {
+        "url": "rediss://192.0.2.63:6380/0", "username": "gate",
+        "password_file": f"{store}/password", "ca_file": f"{store}/ca.pem"}}
+    gate_gid = grp.getgrnam(box.gate_user).gr_gid
+    for path, mode, gid in ((store, 0o750, gate_gid), (store / "password", 0o640, gate_gid),
+                            (store / "ca.pem", 0o644, 0)):
+        info = path.stat()
+        assert (info.st_uid, info.st_gid, stat.S_IMODE(info.st_mode)) == (0, gid, mode), path
+    assert (store / "password").read_text() == FLEET_PASSWORD + "\n"
+    assert (store / "ca.pem").read_bytes() == ca.read_bytes()
+    assert "ip daddr 192.0.2.63 tcp dport 6380 accept" in box.rules()
+    assert "firewall open to fleet-store server 192.0.2.63 tcp/6380" in result.output
+
+    result = box.apply(box.seed_dir())
+    assert result.returncode == 0, result.output
+    assert not store.exists()
+
+
+MINIMAL_GATE = {"hostname": "mx.example.test", "relay_domains": ["example.test"],
+                "backend": {"servers": ["192.0.2.25:25"]}}
+
+
+@pytest.mark.parametrize(("fleet_store", "reputation", "words"), [
+    ({"url": "redis://store.example.test/0"}, None, ["fleet_store.url", "IP address"]),
+    ({"url": "redis://192.0.2.63/0", "ca_file": "fleet.pass"}, None, ["fleet_store.ca_file", "rediss://"]),
+    ({"url": "redis://192.0.2.63/0", "password": "inline"}, None, ["fleet_store", "needs 'url'"]),
+    ({"username": "gate"}, None, ["fleet_store", "needs 'url'"]),
+    ({"url": "redis://192.0.2.63/0", "password_file": "missing.pass"}, None, ["no such file"]),
+    ({"url": "redis://192.0.2.63/0", "password_file": "empty.pass"}, None, ["first line", "empty"]),
+    ({"url": "rediss://192.0.2.63/0", "ca_file": "fleet.pass"}, None, ["not a PEM CA certificate"]),
+    ({"url": "redis://192.0.2.63/0"}, {"store": "sqlite"}, ["reputation.store", "make it redis"]),
+    ({"url": "redis://192.0.2.63/0", "username": "gate"}, {"redis": {"username": "other"}},
+     ["reputation.redis.username", "leave it out"]),
+])
+def test_make_seed_refuses_a_bad_fleet_store(tmp_path, capsys, fleet_store, reputation, words):
+    gate = MINIMAL_GATE | ({"reputation": reputation} if reputation else {})
+    (tmp_path / "portcullis.yaml").write_text(yaml.safe_dump(gate))
+    (tmp_path / "fleet.pass").write_text(FLEET_PASSWORD + "\n")
+    (tmp_path / "empty.pass").write_text("\n" + FLEET_PASSWORD + "\n")
+    (tmp_path / "site.yaml").write_text(yaml.safe_dump({"gate_config": "portcullis.yaml",
+                                                        "fleet_store": fleet_store}))
+    assert load_make_seed().main([str(tmp_path / "site.yaml"), str(tmp_path / "seed.iso")]) == 1
+    error = capsys.readouterr().err
+    assert "site.yaml line " in error or "portcullis.yaml" in error
+    for word in words:
+        assert word in error
+    assert not (tmp_path / "seed.iso").exists()
+
