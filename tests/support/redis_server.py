@@ -52,7 +52,7 @@ class RedisServer:
             f"logfile {workdir / 'redis.log'}\n"
             # The gate's user: its keys and channel only, no dangerous commands.
             f"user {USER} on >{PASSWORD} ~portcullis:* &portcullis:* "
-            "+@read +@write +@pubsub +@scripting +@transaction +ping -@dangerous\n"
+            "+@read +@write +@pubsub +@transaction +eval +ping -@dangerous\n"
             f"user {ADMIN_USER} on >{ADMIN_PASSWORD} ~* &* +@all\n"
             "user default off\n")
         self.process: subprocess.Popen | None = None
