@@ -29,9 +29,9 @@ results in force, so it misses nothing in between. An event seen twice (loaded,
 published, or read from the SQLite file) is counted once: it is known by its time.
 
 Failure never stops mail. Each appliance counts by itself, as a single one does, when
-the server is down, slow or unreachable: every exchange is bounded by reputation.redis.timeout, a heartbeat
-every HEARTBEAT seconds notices a silent partition, and the loss is logged once and
-counted (`outages`). Writes made meanwhile wait in a bounded queue (bans by key, so
+the server is down, slow or unreachable: every exchange is bounded by
+reputation.redis.timeout, a heartbeat every HEARTBEAT seconds notices a silent
+partition, and the loss is logged once and counted (`outages`). Writes made meanwhile wait in a bounded queue (bans by key, so
 none is lost to a flood of events) and are sent and published when the server is back;
 reconnection backs off from BACKOFF_MIN to BACKOFF_MAX seconds.
 """
@@ -141,17 +141,16 @@ class RedisStore(SqliteStore):
 
     async def aclose(self) -> None:
         """Let the sender send what is queued (within the timeout, if connected), then
-        disconnect."""
-        if self._task is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.timeout):
-                while self.shared and (self._queued or self._queued_bans):
-                    await asyncio.sleep(0.01)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        self._task = None
+        disconnect and close the SQLite store."""
+        if self._task is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.timeout):
+                    while self.shared and (self._queued or self._queued_bans):
+                        await asyncio.sleep(0.01)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
         super().close()
 
     def close(self) -> None:
@@ -165,7 +164,7 @@ class RedisStore(SqliteStore):
             began = time.monotonic()
             try:
                 await self._exchange(await self._connect())
-            except _failures() as e:
+            except Exception as e:  # noqa: BLE001 - sharing must outlive any failure
                 self._lost(e)
             finally:
                 await self._disconnect()
@@ -202,14 +201,18 @@ class RedisStore(SqliteStore):
                 with contextlib.suppress(*_failures()):
                     await connection.aclose()
 
-    def _lost(self, error: BaseException) -> None:
+    def _lost(self, error: Exception) -> None:
+        """Log the loss once per outage; a failure that is not the server's, with its
+        traceback (a bug must not pass for an outage)."""
+        unexpected = None if isinstance(error, _failures()) else error
         if self.shared:
             self.shared = False
             self._counts["outages"] += 1
             log.error("reputation store %s: %s; counting locally until it is back",
-                      where(self.settings.url), _reason(error))
+                      where(self.settings.url), _reason(error), exc_info=unexpected)
         else:
-            log.debug("reputation store %s: %s", where(self.settings.url), _reason(error))
+            log.log(logging.ERROR if unexpected else logging.DEBUG, "reputation store %s: %s",
+                    where(self.settings.url), _reason(error), exc_info=unexpected)
 
     async def _exchange(self, pubsub) -> None:
         """Send and receive until either fails."""
@@ -263,11 +266,13 @@ class RedisStore(SqliteStore):
                 log.error("reputation store %s refused %d writes: %s",
                           where(self.settings.url), len(operations), e)
             self._counts["round_trips"] += 1
+            # What was queued meanwhile stays: a newer ban of the same key, new events.
             for key, operation in bans:
                 if self._queued_bans.get(key) is operation:
                     del self._queued_bans[key]
-            for _ in events:
-                self._queued.popleft()
+            for operation in events:
+                if self._queued and self._queued[0] is operation:
+                    self._queued.popleft()
 
     def _stage(self, pipe, operation: tuple) -> None:
         prefix = self.settings.key_prefix
@@ -414,7 +419,7 @@ def _stored_operations(kind: str, value, now: float, since: float) -> list[list]
 def _failures() -> tuple[type[BaseException], ...]:
     """What a lost, slow or refusing server raises (redis-py is imported only when used)."""
     from redis.exceptions import RedisError
-    return RedisError, OSError, TimeoutError, ValueError
+    return RedisError, OSError, TimeoutError
 
 
 def _reason(error: BaseException) -> str:
