@@ -367,6 +367,25 @@ class Dha:
     suspect_delay: float = _c(5.0, minimum=0, maximum=MAX_DELAY)
 
 
+# Senders whose retries come from other addresses of a pool: greylisting them delays
+# their mail for hours. Matched against the forward-confirmed reverse DNS name.
+LARGE_SENDERS = ("google.com", "outlook.com", "yahoo.com", "amazonses.com", "sendgrid.net",
+                 "mailgun.net", "mcsv.net", "icloud.com", "protonmail.ch")
+
+
+@dataclass
+class Greylist:
+    """Greylisting (policy/greylist.py): off by default; its defaults are spamd's and
+    postgrey's."""
+
+    enabled: bool = False
+    delay: float = _c(300.0, minimum=0, maximum=DAY)  # seconds before a retry passes
+    retry_window: float = _c(14400.0, minimum=1, maximum=7 * DAY)  # ... and after which not
+    pass_ttl: float = _c(36 * DAY, minimum=1, maximum=YEAR)  # a client that passed: no delays
+    # domains (and their subdomains) of forward-confirmed client names never greylisted
+    exempt_names: list[str] = _c(factory=lambda: list(LARGE_SENDERS), check=_relay_domain)
+
+
 @dataclass
 class ScoreWeights:
     pregreet: float = _c(10.0, minimum=0, maximum=MAX_SCORE)
@@ -544,6 +563,7 @@ class Config:
     # --- policy section fields ---
     reputation: Reputation = field(default_factory=Reputation)
     dha: Dha = field(default_factory=Dha)
+    greylist: Greylist = field(default_factory=Greylist)
     score: Score = field(default_factory=Score)
     ban_helper: BanHelper = field(default_factory=BanHelper)
     dns: DnsChecks = field(default_factory=DnsChecks)
@@ -744,6 +764,7 @@ def _check_rules(config: Config) -> None:
     _check_ascending(config, "dha",
                      ("prefix_tarpit_after", "prefix_suspect_after", "prefix_ban_after"))
     _check_ascending(config, "score", ("tarpit", "tempfail", "ban"))
+    _check_ascending(config, "greylist", ("delay", "retry_window"))
     if not config.backend.helo:
         config.backend.helo = config.hostname
     if config.workers == 0:

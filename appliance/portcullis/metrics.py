@@ -64,11 +64,13 @@ REASONS = (
     "HELO_BARE_IP", "HELO_LITERAL_MISMATCH",
     # harvest defence and score
     "DHA_TARPIT", "DHA_SUSPECT", "DHA_BAN", "SCORE_TARPIT", "SCORE_TEMPFAIL", "SCORE_BAN",
+    "GREYLISTED",
     # the backend
     "BACKEND_DOWN", "BACKEND_REFUSED", "BACKEND_SENDER_REFUSED",
 )
 # The per-client tables that count evictions (admission.py, policy/dha.py, reputation.py).
-EVICTION_TABLES = ("pregreet", "connection_rate", "harvest", "bans", "ban_pushes")
+EVICTION_TABLES = ("pregreet", "connection_rate", "harvest", "bans", "ban_pushes", "greylist")
+GREYLIST_EVENTS = ("seen", "passed", "expired")  # policy/greylist.py
 # What a fleet's reputation store counts (policy/fleet.py).
 STORE_EVENTS = ("round_trips", "outages", "dropped", "rejected", "bad_messages")
 
@@ -294,6 +296,11 @@ class Registry:
             "portcullis_reputation_store_shared",
             "1 while the admission process shares state through the fleet's store; 0 while "
             "it counts locally, or when the store is not a fleet's")
+        self.greylist = counter(
+            "portcullis_greylist",
+            "Greylisting's triplets (greylist.enabled), by event: seen (a first attempt, "
+            "answered 451), passed (a retry in time), expired (a retry after the window)",
+            ("event",))
         self.worker_restarts = counter("portcullis_worker_restarts",
                                        "Workers that exited and were started again")
         for label in REASONS:
@@ -302,6 +309,8 @@ class Registry:
             self.evictions.labels(table)
         for event in STORE_EVENTS:
             self.store_counts.labels(event)
+        for event in GREYLIST_EVENTS:
+            self.greylist.labels(event)
         self.active = gauge("portcullis_active_connections", "Connections open now")
         self.stress = gauge("portcullis_stress_mode", "1 while the gate is in stress mode")
         self.backend_up = gauge("portcullis_backend_up",
@@ -338,6 +347,8 @@ class Registry:
                 self.evictions.labels(key[8:]).inc(amount)
             elif key.startswith("store:"):
                 self.store_counts.labels(key[6:]).inc(amount)
+            elif key.startswith("greylist:"):
+                self.greylist.labels(key[9:]).inc(amount)
             elif key in self._plain:
                 self._plain[key].inc(amount)
         for key, shipped in report.get("histograms", {}).items():

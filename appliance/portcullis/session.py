@@ -23,6 +23,7 @@ from .policy import RecipientDirectory
 from .policy.chain import Client, PolicyChain
 from .policy.dha import DhaEngine
 from .policy.dns_checks import DnsChecker
+from .policy.greylist import Greylist
 from .relay import RelayTransaction
 from .smtp import replies
 from .smtp.replies import Reply
@@ -48,6 +49,7 @@ class Services:
     tally: metrics.Tally
     dha: DhaEngine
     dns: DnsChecker
+    greylist: Greylist
     limits: smtp.ProtocolLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -93,7 +95,7 @@ class Session:
             postmaster_domain=self.config.relay_domains[0],
         )
         self.policy = PolicyChain(self.config, services.dha, services.dns,
-                                  services.recipients, client, self._reason)
+                                  services.recipients, client, self._reason, services.greylist)
         self.started = time.monotonic() - max(0.0, time.time() - self.accepted)
         limits = self.config.limits
         self.deadline = self.started + limits.session_timeout
@@ -230,7 +232,8 @@ class Session:
     async def _on_rcpt(self, event: smtp.Rcpt) -> None:
         transaction = self.transaction
         address = event.recipient.address
-        reply, label = await self.policy.judge_recipient(address)
+        reply, label = await self.policy.judge_recipient(address,
+                                                         transaction.relay.sender.address)
         if reply is None:
             reply, label = await self._backend(transaction.relay.add_recipient(address))
         transaction.recipients.append({"to": address, "reply": reply.code, "label": label})

@@ -17,6 +17,7 @@ from .metrics import Tally, TimedDirectory
 from .policy import reputation
 from .policy.dha import DhaEngine
 from .policy.dns_checks import DnsChecker
+from .policy.greylist import Greylist
 from .policy.recipients import StaticRecipients
 from .session import Client, Services, Session
 from .stream import ByteStream
@@ -50,6 +51,7 @@ def make_services(config: Config, tally: Tally, store: reputation.ReputationStor
         tally=tally,
         dha=DhaEngine(config, store, bans.request_ban if bans else None),
         dns=DnsChecker(config.dns),
+        greylist=Greylist(config, store, lambda event: tally.add("greylist:" + event)),
     )
 
 

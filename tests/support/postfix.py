@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -463,3 +464,32 @@ class Blackhole:
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+class PostfixSender(PostfixInstance):
+    """A Postfix that takes mail on 127.0.0.1:<port> and relays it all to `relay`
+    ("host:port"), retrying from its queue after a deferral within seconds, not
+    minutes: a real MTA's behaviour, sped up (for greylisting's tests)."""
+
+    def __init__(self, relay: str, retry_seconds: int = 1):
+        self.port = free_port()
+        super().__init__({
+            "mynetworks": "127.0.0.0/8",
+            "smtpd_relay_restrictions": "permit_mynetworks reject",
+            "relayhost": f"[{relay.rpartition(':')[0]}]:{relay.rpartition(':')[2]}",
+            "default_transport": "smtp",
+            "relay_transport": "smtp",
+            "smtp_helo_name": "sender.example.net",
+            "smtp_tls_security_level": "none",
+            "queue_run_delay": f"{retry_seconds}s",
+            "minimal_backoff_time": f"{retry_seconds}s",
+            "maximal_backoff_time": f"{retry_seconds}s",
+        }, f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
+           "smtp       unix  - - n -    - smtp\n", name="sender")
+
+    def ready(self) -> bool:
+        return super().ready() and port_accepts("127.0.0.1", self.port)
+
+    def deliveries(self) -> list[str]:
+        """The status of each delivery attempt in the log: sent, deferred, bounced."""
+        return re.findall(r" status=(\w+)", self.log())

@@ -3,7 +3,8 @@
     connect  DNS checks (FCrDNS, DNS lists) start at once, for Internet clients only
     HELO     HELO/EHLO name checks
     MAIL     the connection checks' findings: reject, tempfail or score
-    RCPT     relay domain → the connection's refusal → score and harvest defence → directory
+    RCPT     relay domain → the connection's refusal → score and harvest defence →
+             greylisting → directory
 
 The session asks once per command; an answer of None means "pass". Every finding and
 verdict is noted under its label, and scored findings go into the connection's score,
@@ -25,6 +26,7 @@ from . import Lookup, RecipientDirectory
 from .dha import DhaEngine, Verdict
 from .dns_checks import DnsChecker
 from .findings import Action, Finding, strongest_action
+from .greylist import GREYLISTED, GREYLISTED_OUTCOMES, Greylist
 from .score import ConnectionScore, Signal
 
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
@@ -57,9 +59,11 @@ async def _hold_until(moment: float) -> None:
 
 class PolicyChain:
     def __init__(self, config: Config, dha: DhaEngine, dns: DnsChecker,
-                 directory: RecipientDirectory, client: Client, note: Callable[[str], None]):
+                 directory: RecipientDirectory, client: Client, note: Callable[[str], None],
+                 greylist: Greylist):
         self.config = config
         self.dha = dha
+        self.greylist = greylist
         self.dns = dns
         self.directory = directory
         self.client = client
@@ -73,6 +77,7 @@ class PolicyChain:
             self._client_checks = asyncio.ensure_future(dns.check_client(client.ip))
         self._client_refusal: tuple[Reply, str] | None = None  # for every RCPT
         self.client_name = ""  # forward-confirmed reverse DNS name, known after judge_mail
+        self._dnswl = False  # a DNS allowlist vouches for the client (after judge_mail)
 
     def close(self) -> None:
         if self._client_checks is not None:
@@ -98,6 +103,7 @@ class PolicyChain:
             return None
         checks, self._client_checks = await self._client_checks, None
         findings, self.client_name = checks.findings, checks.name
+        self._dnswl = any(finding.label == "DNSWL" for finding in findings)
         action, closing = self._weigh(findings)
         if closing is not None:
             return closing
@@ -108,11 +114,12 @@ class PolicyChain:
             self._client_refusal = CLIENT_TEMPFAILED, label
         return None
 
-    async def judge_recipient(self, address: str) -> tuple[Reply | None, str]:
+    async def judge_recipient(self, address: str, sender: str) -> tuple[Reply | None, str]:
         """A refusal and its label, or (None, "") to pass the recipient to the backend.
 
-        No oracle: the delay, and for a suspect client the reply itself, are fixed
-        before the directory is asked, so valid and invalid addresses look the same.
+        No oracle: the delay, and for a suspect or greylisted client the reply itself,
+        are fixed before the directory is asked, so valid and invalid addresses look
+        the same.
         """
         arrived = time.monotonic()
         if not self.config.is_relay_domain(commands.domain_of(address)):
@@ -124,6 +131,10 @@ class PolicyChain:
             if verdict.delay:
                 await _hold_until(arrived + verdict.delay)
             return verdict.reply, verdict.label
+        if self._greylisted(sender, address):
+            if verdict.delay:
+                await _hold_until(arrived + verdict.delay)
+            return GREYLISTED, "GREYLISTED"
         lookup = await self.directory.lookup(address)
         if verdict.delay:
             await _hold_until(arrived + verdict.delay)
@@ -133,6 +144,13 @@ class PolicyChain:
         if lookup is Lookup.TEMPFAIL:
             return DIRECTORY_TEMPFAIL, "DIRECTORY_TEMPFAIL"
         return None, ""
+
+    def _greylisted(self, sender: str, recipient: str) -> bool:
+        greylist = self.greylist
+        if (not greylist.enabled or self.client.allowlisted or self._dnswl
+                or (self.client_name and greylist.is_exempt_name(self.client_name))):
+            return False
+        return greylist.judge(self.client.ip, sender, recipient) in GREYLISTED_OUTCOMES
 
     def judge_violation(self, label: str) -> Reply | None:
         """A strike scores; the reply to close with when the score reached a ban."""

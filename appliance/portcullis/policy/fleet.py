@@ -22,6 +22,8 @@ Keys under reputation.redis.key_prefix (default "portcullis:"):
     ban:<client or prefix>  "<until> <label>", expiring at <until>; a Lua script keeps
                             the longer of two bans, atomically
     pg:<client>             "<until> <1 passed | 0 failed>": the pre-greet result
+    mk:<kind>:<key>         "<value> <until>", expiring at <until>: a mark (greylisting's
+                            triplets and passes); a Lua script keeps the lower value
     events                  the channel (JSON batches: [writer, [operation, ...]])
 
 On (re)connect a process subscribes first, then loads the bans, events and pre-greet
@@ -45,6 +47,7 @@ import ipaddress
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 
@@ -69,6 +72,17 @@ end
 redis.call('SET', KEYS[1], ARGV[2], 'PXAT', ARGV[1])
 return 1
 """
+# Set KEYS[1] to "<value> <until>", expiring at until (ms), unless a lower value is there.
+_KEEP_LOWER_MARK = """
+local current = redis.call('GET', KEYS[1])
+if current and tonumber(string.match(current, '^%S+')) <= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[3], 'PXAT', ARGV[2])
+return 1
+"""
+_MARK_KIND = re.compile(r"[a-z_]{1,32}")
+MAX_MARK_KEY = 128
 
 
 class RedisStore(SqliteStore):
@@ -110,6 +124,10 @@ class RedisStore(SqliteStore):
 
     def note_pregreet(self, client: str, passed: bool, until: float) -> None:
         self._queue(("p", client, passed, until))
+
+    def mark(self, kind: str, key: str, value: float, until: float) -> None:
+        super().mark(kind, key, value, until)
+        self._queue(("m", key, kind, value, until))
 
     def take_counts(self) -> dict[str, int]:
         """round_trips, outages, dropped (queue full), rejected (refused by the server),
@@ -291,6 +309,10 @@ class RedisStore(SqliteStore):
                       f"{until!r} {label}")
         elif kind == "u":
             pipe.delete(prefix + "ban:" + key)
+        elif kind == "m":
+            mark_kind, value, until = rest
+            pipe.eval(_KEEP_LOWER_MARK, 1, f"{prefix}mk:{mark_kind}:{key}", repr(value),
+                      max(int(until * 1000), 1), repr(until))
         else:
             passed, until = rest
             pipe.set(prefix + "pg:" + key, f"{until!r} {int(passed)}",
@@ -323,6 +345,12 @@ class RedisStore(SqliteStore):
         """One operation another process made; ValueError or TypeError if malformed."""
         if not isinstance(key, str):
             raise TypeError(f"key {key!r} is not a string")
+        if kind == "m":
+            mark_kind, value, until = rest
+            if not _MARK_KIND.fullmatch(str(mark_kind)) or len(key) > MAX_MARK_KEY:
+                raise ValueError(f"not a mark: {mark_kind!r} {key!r}")
+            self.merge_mark(mark_kind, key, float(value), float(until), self._clock())
+            return
         ipaddress.ip_network(key)  # a client or a prefix, nothing else
         if kind == "e":
             (at,) = rest
@@ -364,11 +392,16 @@ class RedisStore(SqliteStore):
             loads.append(("ev:", "e", "zrange"))
         if self.on_pregreet is not None:
             loads.append(("pg:", "p", "get"))
+        if self.read_events:  # the workers': greylisting runs there
+            loads.append(("mk:", "m", "get"))
         for kind_prefix, kind, read in loads:
             name_prefix = self.settings.key_prefix + kind_prefix
             async for name, value in self._scan(name_prefix + "*", read):
                 key = name[len(name_prefix):]
                 try:
+                    if kind == "m":  # mk:<kind>:<key>
+                        mark_kind, _, key = key.partition(":")
+                        value = f"{value} {mark_kind}"
                     for rest in _stored_operations(kind, value, now, now - self.retention):
                         self._merge(kind, key, rest)
                 except (ValueError, TypeError) as e:
@@ -410,6 +443,9 @@ def _stored_operations(kind: str, value, now: float, since: float) -> list[list]
     no longer in force are left out."""
     if kind == "e":
         return [[at] for _, at in value if at >= since]
+    if kind == "m":  # "<value> <until> <kind>"
+        mark_value, until, mark_kind = value.split(" ")
+        return [[mark_kind, float(mark_value), float(until)]] if float(until) > now else []
     until, _, rest = value.partition(" ")
     if float(until) <= now:
         return []

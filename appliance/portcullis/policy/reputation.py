@@ -100,6 +100,17 @@ class ReputationStore(ABC):
     def sync(self) -> None:
         """Take in what other processes wrote, without waiting (call it often)."""
 
+    @abstractmethod
+    def mark(self, kind: str, key: str, value: float, until: float) -> None:
+        """Remember key of a kind (greylist.MARKS) until `until`, with a value such as
+        when it was first seen. Of two marks in force, the one with the lower value
+        stays: the first sighting wins, wherever it was made."""
+
+    @abstractmethod
+    def mark_of(self, kind: str, key: str) -> tuple[float, float] | None:
+        """(value, until) of key's mark of a kind, or None; expired ones too, until
+        purged."""
+
     def note_pregreet(self, client: str, passed: bool, until: float) -> None:
         """Share a pre-greet result with other gates (only a fleet's store does)."""
 
@@ -132,11 +143,13 @@ class MemoryStore(ReputationStore):
     have bans: past that, the key used least recently is forgotten."""
 
     def __init__(self, retention: float, max_events_per_key: int = 256,
-                 max_keys: int = 100_000):
+                 max_keys: int = 100_000, clock: Callable[[], float] = time.time):
         self.retention = retention
+        self._clock = clock
         self.max_events_per_key = max_events_per_key
         self._events = BoundedTable(max_keys)  # key -> sorted timestamps
         self._bans = BoundedTable(max_keys)  # key -> Ban
+        self._marks: dict[str, BoundedTable] = {}  # kind -> key -> (value, until)
 
     def add_event(self, key: str, at: float) -> None:
         times = self._events.get(key, [])
@@ -180,13 +193,32 @@ class MemoryStore(ReputationStore):
     def active_bans(self, now: float) -> list[Ban]:
         return [ban for ban in self._bans.values() if ban.until > now]
 
+    def mark(self, kind: str, key: str, value: float, until: float) -> None:
+        self.merge_mark(kind, key, value, until, self._clock())
+
+    def merge_mark(self, kind: str, key: str, value: float, until: float, now: float) -> None:
+        """Keep the lower value of two marks in force (see mark)."""
+        table = self._marks.get(kind)
+        if table is None:
+            table = self._marks[kind] = BoundedTable(self._events.capacity)
+        current = table.get(key)
+        if current is None or current[1] <= now or value < current[0]:
+            table[key] = (value, until)
+
+    def mark_of(self, kind: str, key: str) -> tuple[float, float] | None:
+        table = self._marks.get(kind)
+        return None if table is None else table.get(key)
+
     def purge(self, now: float) -> None:
         horizon = now - self.retention
         self._events.drop_where(lambda times: times[-1] < horizon)
         self._bans.drop_where(lambda ban: ban.until <= now)
+        for table in self._marks.values():
+            table.drop_where(lambda mark: mark[1] <= now)
 
     def take_evictions(self) -> dict[str, int]:
-        return {"harvest": self._events.take_evictions(), "bans": self._bans.take_evictions()}
+        return {"harvest": self._events.take_evictions(), "bans": self._bans.take_evictions(),
+                "greylist": sum(table.take_evictions() for table in self._marks.values())}
 
 
 _SCHEMA = """
@@ -204,6 +236,15 @@ CREATE TABLE IF NOT EXISTS events (
     writer TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS marks (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value REAL NOT NULL,
+    until REAL NOT NULL,
+    writer TEXT NOT NULL,
+    UNIQUE (kind, key)
+);
 """
 
 _STOP = object()
@@ -215,17 +256,17 @@ class SqliteStore(MemoryStore):
     def __init__(self, path: str, retention: float, max_events_per_key: int = 256,
                  max_keys: int = 100_000, sync_interval: float = 1.0,
                  clock: Callable[[], float] = time.time, read_events: bool = True):
-        super().__init__(retention, max_events_per_key, max_keys)
+        super().__init__(retention, max_events_per_key, max_keys, clock)
         self.path = path
         self.read_events = read_events  # False: others' events are not kept (bans only)
         self.sync_interval = sync_interval
         self.write_errors = 0  # batches lost to a disk or database error
-        self._clock = clock
         self._writer_id = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._writes: queue.SimpleQueue = queue.SimpleQueue()
         self._inbox: collections.deque = collections.deque()  # others' rows, from the thread
         self._last_ban_id = 0
         self._last_event_id = 0
+        self._last_mark_id = 0
         self._closed = False
         self._db = self._open()
         self._load()
@@ -262,15 +303,17 @@ class SqliteStore(MemoryStore):
                             "SELECT key, at FROM events WHERE at > ? ORDER BY at",
                             (now - self.retention,)):
                         super().add_event(key, at)
-                self._last_ban_id, self._last_event_id = self._max_ids()
+                for kind, key, value, until in self._db.execute(
+                        "SELECT kind, key, value, until FROM marks WHERE until > ?", (now,)):
+                    super().merge_mark(kind, key, value, until, now)
+                self._last_ban_id, self._last_event_id, self._last_mark_id = self._max_ids()
         except sqlite3.Error as e:
             self._db.close()
             raise ReputationStoreError(f"cannot read reputation store {self.path}: {e}") from None
 
-    def _max_ids(self) -> tuple[int, int]:
-        (ban_id,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM bans").fetchone()
-        (event_id,) = self._db.execute("SELECT COALESCE(MAX(id), 0) FROM events").fetchone()
-        return ban_id, event_id
+    def _max_ids(self) -> tuple[int, int, int]:
+        return tuple(self._db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]
+                     for table in ("bans", "events", "marks"))
 
     # -- the interface: memory first, disk later -------------------------------------
 
@@ -296,6 +339,15 @@ class SqliteStore(MemoryStore):
     def ban_of(self, key: str, now: float) -> Ban | None:
         self._apply_inbox()
         return super().ban_of(key, now)
+
+    def mark(self, kind: str, key: str, value: float, until: float) -> None:
+        self._apply_inbox()
+        super().mark(kind, key, value, until)
+        self._writes.put(("mark", kind, key, value, until))
+
+    def mark_of(self, kind: str, key: str) -> tuple[float, float] | None:
+        self._apply_inbox()
+        return super().mark_of(kind, key)
 
     def active_bans(self, now: float) -> list[Ban]:
         self._apply_inbox()
@@ -339,6 +391,8 @@ class SqliteStore(MemoryStore):
                 super().ban(*row)
             elif kind == "unban":
                 super().unban(*row)
+            elif kind == "mark":
+                self.merge_mark(*row, self._clock())
             else:
                 self.merge_event(*row)
 
@@ -385,7 +439,8 @@ class SqliteStore(MemoryStore):
         events = [(op[1], op[2], self._writer_id) for op in batch
                   if op is not _STOP and op[0] == "event"]
         bans = [op for op in batch if op is not _STOP and op[0] in ("ban", "unban")]
-        if not events and not bans:
+        marks = [op[1:] for op in batch if op is not _STOP and op[0] == "mark"]
+        if not events and not bans and not marks:
             return
         replace = "INSERT OR REPLACE INTO bans (key, until, label, writer) VALUES (?, ?, ?, ?)"
         with self._db:
@@ -399,6 +454,14 @@ class SqliteStore(MemoryStore):
                 if kind == "unban" or row is None or until > row[0]:
                     self._db.execute(replace, (key, until, label[0] if label else UNBANNED,
                                                self._writer_id))
+            now = self._clock()
+            for kind, key, value, until in marks:  # the lower value of two in force stays
+                row = self._db.execute("SELECT value, until FROM marks WHERE kind = ? AND "
+                                       "key = ?", (kind, key)).fetchone()
+                if row is None or row[1] <= now or value < row[0]:
+                    self._db.execute("INSERT OR REPLACE INTO marks (kind, key, value, until, "
+                                     "writer) VALUES (?, ?, ?, ?, ?)",
+                                     (kind, key, value, until, self._writer_id))
 
     def _read_others(self) -> None:
         with self._db:
@@ -414,7 +477,11 @@ class SqliteStore(MemoryStore):
                         (self._last_event_id, self._writer_id,
                          self._clock() - self.retention)):
                     self._inbox.append(("event", key, at))
-            self._last_ban_id, self._last_event_id = self._max_ids()
+            for row in self._db.execute(
+                    "SELECT kind, key, value, until FROM marks WHERE id > ? AND writer != ?",
+                    (self._last_mark_id, self._writer_id)):
+                self._inbox.append(("mark", *row))
+            self._last_ban_id, self._last_event_id, self._last_mark_id = self._max_ids()
 
     def _purge_rows(self) -> None:
         now = self._clock()
@@ -422,6 +489,7 @@ class SqliteStore(MemoryStore):
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM bans WHERE until <= ?", (now - REMOVAL_GRACE,))
             self._db.execute("DELETE FROM events WHERE at <= ?", (now - self.retention,))
+            self._db.execute("DELETE FROM marks WHERE until <= ?", (now,))
 
 
 def read_bans(path: str, now: float) -> list[Ban]:
