@@ -220,6 +220,13 @@ class Limits:
     # new connections per second
     connection_rate_per_ip: float = _c(5.0, minimum=0.01, maximum=10_000)
     connection_burst_per_ip: int = _c(30, minimum=1, maximum=MAX_COUNT)
+    # per client per rate_time_unit (a minute), across its connections (and a fleet's
+    # appliances); 0: no cap.
+    # Why these numbers: policy/rates.py
+    rate_time_unit: float = _c(60.0, minimum=1, maximum=3600)  # seconds the rates count over
+    message_rate_per_ip: int = _c(120, minimum=0, maximum=MAX_COUNT)
+    recipient_rate_per_ip: int = _c(600, minimum=0, maximum=MAX_COUNT)
+    tls_rate_per_ip: int = _c(120, minimum=0, maximum=MAX_COUNT)
     max_recipients: int = _c(100, minimum=1, maximum=100_000)
     max_message_size: int = _c(25 * 1024 * 1024, minimum=1024, maximum=1 << 34)  # 16 GiB
     max_strikes: int = _c(5, minimum=1, maximum=1000)
@@ -394,6 +401,7 @@ class ScoreWeights:
     bad_helo: float = _c(3.0, minimum=0, maximum=MAX_SCORE)
     invalid_recipient: float = _c(2.0, minimum=0, maximum=MAX_SCORE)
     strike: float = _c(2.0, minimum=0, maximum=MAX_SCORE)
+    rate: float = _c(2.0, minimum=0, maximum=MAX_SCORE)
 
 
 @dataclass

@@ -183,8 +183,8 @@ class Gate:
         if [str(a) for a in new.listen] != [str(a) for a in self.config.listen]:
             log.warning("listen addresses changed; they take effect on restart")
         if _store_settings(new) != _store_settings(self.config):
-            log.warning("reputation.store, .sync_interval or .redis changed; they take "
-                        "effect on restart")
+            log.warning("reputation.store, .sync_interval, .redis or limits.rate_time_unit "
+                        "changed; they take effect on restart")
         self.config, self.dha = new, dha
         self.table.configure(new)
         self.registry.certificate(tls.certificate_expiry(new.tls, new.hostname))
@@ -473,4 +473,5 @@ class Gate:
 def _store_settings(config: Config) -> tuple:
     """What the reputation store was opened with: only a restart reopens it."""
     reputation = config.reputation
-    return reputation.store, reputation.sync_interval, reputation.redis
+    return (reputation.store, reputation.sync_interval, reputation.redis,
+            config.limits.rate_time_unit)

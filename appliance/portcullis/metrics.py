@@ -64,12 +64,13 @@ REASONS = (
     "HELO_BARE_IP", "HELO_LITERAL_MISMATCH",
     # harvest defence and score
     "DHA_TARPIT", "DHA_SUSPECT", "DHA_BAN", "SCORE_TARPIT", "SCORE_TEMPFAIL", "SCORE_BAN",
-    "GREYLISTED",
+    "GREYLISTED", "MSG_RATE", "RCPT_RATE", "TLS_RATE",
     # the backend
     "BACKEND_DOWN", "BACKEND_REFUSED", "BACKEND_SENDER_REFUSED",
 )
 # The per-client tables that count evictions (admission.py, policy/dha.py, reputation.py).
-EVICTION_TABLES = ("pregreet", "connection_rate", "harvest", "bans", "ban_pushes", "greylist")
+EVICTION_TABLES = ("pregreet", "connection_rate", "harvest", "bans", "ban_pushes", "greylist",
+                   "rates")
 GREYLIST_EVENTS = ("seen", "passed", "expired")  # policy/greylist.py
 # What a fleet's reputation store counts (policy/fleet.py).
 STORE_EVENTS = ("round_trips", "outages", "dropped", "rejected", "bad_messages")

@@ -24,6 +24,7 @@ from .policy.chain import Client, PolicyChain
 from .policy.dha import DhaEngine
 from .policy.dns_checks import DnsChecker
 from .policy.greylist import Greylist
+from .policy.rates import ClientRates
 from .relay import RelayTransaction
 from .smtp import replies
 from .smtp.replies import Reply
@@ -50,6 +51,7 @@ class Services:
     dha: DhaEngine
     dns: DnsChecker
     greylist: Greylist
+    rates: ClientRates
     limits: smtp.ProtocolLimits = field(init=False)
 
     def __post_init__(self) -> None:
@@ -95,7 +97,8 @@ class Session:
             postmaster_domain=self.config.relay_domains[0],
         )
         self.policy = PolicyChain(self.config, services.dha, services.dns,
-                                  services.recipients, client, self._reason, services.greylist)
+                                  services.recipients, client, self._reason, services.greylist,
+                                  services.rates)
         self.started = time.monotonic() - max(0.0, time.time() - self.accepted)
         limits = self.config.limits
         self.deadline = self.started + limits.session_timeout
@@ -262,6 +265,10 @@ class Session:
         await self._end_transaction()
 
     async def _on_starttls(self, event: smtp.StartTls) -> None:
+        refusal, label = self.policy.judge_tls()
+        if refusal is not None:
+            self._answer(refusal, label)
+            return
         self.core.respond(replies.READY_TLS)
         ready = self.core.data_to_send()  # the replies pipelined before, and the 220
         try:

@@ -18,6 +18,7 @@ from .policy import reputation
 from .policy.dha import DhaEngine
 from .policy.dns_checks import DnsChecker
 from .policy.greylist import Greylist
+from .policy.rates import ClientRates
 from .policy.recipients import StaticRecipients
 from .session import Client, Services, Session
 from .stream import ByteStream
@@ -52,6 +53,7 @@ def make_services(config: Config, tally: Tally, store: reputation.ReputationStor
         dha=DhaEngine(config, store, bans.request_ban if bans else None),
         dns=DnsChecker(config.dns),
         greylist=Greylist(config, store, lambda event: tally.add("greylist:" + event)),
+        rates=ClientRates(config, store),
     )
 
 

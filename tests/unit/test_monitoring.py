@@ -35,7 +35,8 @@ DASHBOARD = TOP / "etc" / "grafana" / "portcullis.json"
 # Where reason labels are given: admission, the session and its relay, the SMTP core, policy.
 DECIDERS = [SOURCE / name for name in ("admission.py", "gate.py", "session.py", "relay.py")]
 DECIDERS += sorted((SOURCE / "smtp").glob("*.py"))
-DECIDERS += [SOURCE / "policy" / f"{name}.py" for name in ("chain", "dha", "score", "dns_checks", "helo")]
+DECIDERS += [SOURCE / "policy" / f"{name}.py"
+             for name in ("chain", "dha", "score", "dns_checks", "helo", "rates", "greylist")]
 # Upper-case literals there that are not reason labels.
 NOT_LABELS = {
     "AAAA", "PTR",  # DNS record types

@@ -2,9 +2,11 @@
 
     connect  DNS checks (FCrDNS, DNS lists) start at once, for Internet clients only
     HELO     HELO/EHLO name checks
-    MAIL     the connection checks' findings: reject, tempfail or score
-    RCPT     relay domain → the connection's refusal → score and harvest defence →
-             greylisting → directory
+    STARTTLS the client's TLS rate
+    MAIL     the client's message rate → the connection checks' findings: reject,
+             tempfail or score
+    RCPT     the client's recipient rate → relay domain → the connection's refusal →
+             score and harvest defence → greylisting → directory
 
 The session asks once per command; an answer of None means "pass". Every finding and
 verdict is noted under its label, and scored findings go into the connection's score,
@@ -27,6 +29,7 @@ from .dha import DhaEngine, Verdict
 from .dns_checks import DnsChecker
 from .findings import Action, Finding, strongest_action
 from .greylist import GREYLISTED, GREYLISTED_OUTCOMES, Greylist
+from .rates import MESSAGES, RECIPIENTS, TLS, ClientRates
 from .score import ConnectionScore, Signal
 
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
@@ -60,10 +63,11 @@ async def _hold_until(moment: float) -> None:
 class PolicyChain:
     def __init__(self, config: Config, dha: DhaEngine, dns: DnsChecker,
                  directory: RecipientDirectory, client: Client, note: Callable[[str], None],
-                 greylist: Greylist):
+                 greylist: Greylist, rates: ClientRates):
         self.config = config
         self.dha = dha
         self.greylist = greylist
+        self.rates = rates
         self.dns = dns
         self.directory = directory
         self.client = client
@@ -97,8 +101,17 @@ class PolicyChain:
             return HELO_TEMPFAILED
         return None
 
+    def judge_tls(self) -> tuple[Reply | None, str]:
+        """At STARTTLS: a refusal and its label when the client is over its TLS rate."""
+        return self._over_rate(TLS) or (None, "")
+
     async def judge_mail(self) -> Reply | None:
-        """The connection checks, awaited at the first MAIL; a refusal applies at RCPT."""
+        """The client's message rate (421 and close when over it); then the connection
+        checks, awaited at the first MAIL, whose refusal applies at RCPT."""
+        over = self._over_rate(MESSAGES)
+        if over is not None:
+            self.note(over[1])
+            return over[0]
         if self._client_checks is None:
             return None
         checks, self._client_checks = await self._client_checks, None
@@ -122,6 +135,9 @@ class PolicyChain:
         the same.
         """
         arrived = time.monotonic()
+        over = self._over_rate(RECIPIENTS)
+        if over is not None:
+            return over
         if not self.config.is_relay_domain(commands.domain_of(address)):
             return RELAY_DENIED, "RELAY_DENIED"
         if self._client_refusal is not None:
@@ -144,6 +160,16 @@ class PolicyChain:
         if lookup is Lookup.TEMPFAIL:
             return DIRECTORY_TEMPFAIL, "DIRECTORY_TEMPFAIL"
         return None, ""
+
+    def _over_rate(self, kind: str) -> tuple[Reply, str] | None:
+        """Count one of a kind for the client; when over its cap, the refusal and its
+        label, and the score's rate signal."""
+        if self.client.allowlisted:
+            return None
+        over = self.rates.refusal(kind, self.client.ip)
+        if over is not None:
+            self.score.add(Signal.RATE)
+        return over
 
     def _greylisted(self, sender: str, recipient: str) -> bool:
         greylist = self.greylist

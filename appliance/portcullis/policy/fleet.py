@@ -24,6 +24,11 @@ Keys under reputation.redis.key_prefix (default "portcullis:"):
     pg:<client>             "<until> <1 passed | 0 failed>": the pre-greet result
     mk:<kind>:<key>         "<value> <until>", expiring at <until>: a mark (greylisting's
                             triplets and passes); a Lua script keeps the lower value
+    ct:<kind>:<key>:<n>     a client's count of a kind (messages, recipients, TLS) in
+                            window n (limits.rate_time_unit); INCRBY, expiring after two.
+                            Counts are sent once a second, summed, and a gate's
+                            processes share them on the channel only (not through
+                            SQLite, which would count them twice); they are not loaded.
     events                  the channel (JSON batches: [writer, [operation, ...]])
 
 On (re)connect a process subscribes first, then loads the bans, events and pre-greet
@@ -52,7 +57,7 @@ import time
 from collections.abc import Callable
 
 from ..bounded import BoundedTable
-from .reputation import Ban, MemoryStore, ReputationStoreError, SqliteStore
+from .reputation import RATE_UNIT, Ban, MemoryStore, ReputationStoreError, SqliteStore
 
 log = logging.getLogger("portcullis.fleet")
 
@@ -92,15 +97,17 @@ class RedisStore(SqliteStore):
 
     def __init__(self, settings, path: str, retention: float, max_events_per_key: int = 256,
                  max_keys: int = 100_000, sync_interval: float = 1.0,
-                 clock: Callable[[], float] = time.time, read_events: bool = True):
+                 clock: Callable[[], float] = time.time, read_events: bool = True,
+                 rate_unit: float = RATE_UNIT):
         super().__init__(path, retention, max_events_per_key, max_keys, sync_interval, clock,
-                         read_events)
+                         read_events, rate_unit)
         self.settings = settings
         self.shared = False  # connected, subscribed and loaded
         self._password = _first_line(settings.password_file) if settings.password_file else None
         self._channel = settings.key_prefix + "events"
         self._queued: collections.deque = collections.deque()  # events, pre-greet results
         self._queued_bans = BoundedTable(max_keys)  # key -> its last ban or unban
+        self._counts_to_send: collections.Counter = collections.Counter()  # (kind, key, n)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._client = None
@@ -128,6 +135,14 @@ class RedisStore(SqliteStore):
     def mark(self, kind: str, key: str, value: float, until: float) -> None:
         super().mark(kind, key, value, until)
         self._queue(("m", key, kind, value, until))
+
+    def count(self, kind: str, key: str, now: float, amount: int = 1) -> float:
+        self._apply_inbox()
+        if len(self._counts_to_send) >= MAX_QUEUED:  # the server has been away: stale
+            self._counts["dropped"] += len(self._counts_to_send)
+            self._counts_to_send.clear()
+        self._counts_to_send[kind, key, int(now // self.rate_unit)] += amount
+        return MemoryStore.count(self, kind, key, now, amount)
 
     def take_counts(self) -> dict[str, int]:
         """round_trips, outages, dropped (queue full), rejected (refused by the server),
@@ -260,8 +275,9 @@ class RedisStore(SqliteStore):
                 async with asyncio.timeout(HEARTBEAT):
                     await self._wake.wait()
             except TimeoutError:
-                await self._bounded(self._client.ping())
-                self._counts["round_trips"] += 1
+                if not self._counts_to_send:
+                    await self._bounded(self._client.ping())
+                    self._counts["round_trips"] += 1
 
     async def _send_queued(self) -> None:
         """Send everything queued, a batch per round trip; a batch leaves the queue once
@@ -269,10 +285,15 @@ class RedisStore(SqliteStore):
         that can never succeed must not stall the rest."""
         from redis.exceptions import ResponseError
 
-        while self._queued_bans or self._queued:
+        counts, self._counts_to_send = self._counts_to_send, collections.Counter()
+        counted = [("c", key, kind, window, amount)
+                   for (kind, key, window), amount in counts.items()]
+        while self._queued_bans or self._queued or counted:
             bans = list(itertools.islice(self._queued_bans.items(), MAX_BATCH))
             events = list(itertools.islice(self._queued, MAX_BATCH - len(bans)))
-            operations = [operation for _, operation in bans] + events
+            room = MAX_BATCH - len(bans) - len(events)
+            sums, counted = counted[:room], counted[room:]
+            operations = [operation for _, operation in bans] + events + sums
             pipe = self._client.pipeline(transaction=True)
             for operation in operations:
                 self._stage(pipe, operation)
@@ -309,6 +330,11 @@ class RedisStore(SqliteStore):
                       f"{until!r} {label}")
         elif kind == "u":
             pipe.delete(prefix + "ban:" + key)
+        elif kind == "c":
+            count_kind, window, amount = rest
+            name = f"{prefix}ct:{count_kind}:{key}:{window}"
+            pipe.incrby(name, amount)
+            pipe.expire(name, int(2 * self.rate_unit) + 1)
         elif kind == "m":
             mark_kind, value, until = rest
             pipe.eval(_KEEP_LOWER_MARK, 1, f"{prefix}mk:{mark_kind}:{key}", repr(value),
@@ -352,7 +378,12 @@ class RedisStore(SqliteStore):
             self.merge_mark(mark_kind, key, float(value), float(until), self._clock())
             return
         ipaddress.ip_network(key)  # a client or a prefix, nothing else
-        if kind == "e":
+        if kind == "c":
+            count_kind, window, amount = rest
+            if not _MARK_KIND.fullmatch(str(count_kind)):
+                raise ValueError(f"not a count: {count_kind!r}")
+            self.merge_count(count_kind, key, int(window), int(amount))
+        elif kind == "e":
             (at,) = rest
             if self.read_events:
                 self.merge_event(key, float(at))

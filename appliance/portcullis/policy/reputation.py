@@ -44,6 +44,7 @@ REMOVAL_GRACE = 120.0
 UNBANNED = "UNBANNED"
 FLUSH_TIMEOUT = 10.0
 MAX_BATCH = 1000  # writes per transaction
+RATE_UNIT = 60.0  # seconds rates are counted over by default (limits.rate_time_unit)
 
 
 class ReputationStoreError(ConfigError):
@@ -101,6 +102,12 @@ class ReputationStore(ABC):
         """Take in what other processes wrote, without waiting (call it often)."""
 
     @abstractmethod
+    def count(self, kind: str, key: str, now: float, amount: int = 1) -> float:
+        """Add amount to key's count of a kind (messages, recipients, ...), and return
+        its count over the last `rate_unit` seconds: exact within a fixed window, the
+        previous window's share weighted by how much of it is still in the last minute."""
+
+    @abstractmethod
     def mark(self, kind: str, key: str, value: float, until: float) -> None:
         """Remember key of a kind (greylist.MARKS) until `until`, with a value such as
         when it was first seen. Of two marks in force, the one with the lower value
@@ -143,13 +150,17 @@ class MemoryStore(ReputationStore):
     have bans: past that, the key used least recently is forgotten."""
 
     def __init__(self, retention: float, max_events_per_key: int = 256,
-                 max_keys: int = 100_000, clock: Callable[[], float] = time.time):
+                 max_keys: int = 100_000, clock: Callable[[], float] = time.time,
+                 rate_unit: float = RATE_UNIT):
         self.retention = retention
+        self.rate_unit = rate_unit
         self._clock = clock
         self.max_events_per_key = max_events_per_key
         self._events = BoundedTable(max_keys)  # key -> sorted timestamps
         self._bans = BoundedTable(max_keys)  # key -> Ban
         self._marks: dict[str, BoundedTable] = {}  # kind -> key -> (value, until)
+        # kind -> key -> [window number, its count, the previous window's count]
+        self._counters: dict[str, BoundedTable] = {}
 
     def add_event(self, key: str, at: float) -> None:
         times = self._events.get(key, [])
@@ -193,14 +204,31 @@ class MemoryStore(ReputationStore):
     def active_bans(self, now: float) -> list[Ban]:
         return [ban for ban in self._bans.values() if ban.until > now]
 
+    def count(self, kind: str, key: str, now: float, amount: int = 1) -> float:
+        self.merge_count(kind, key, int(now // self.rate_unit), amount)
+        _, current, previous = self._counters[kind][key]
+        share = 1.0 - (now % self.rate_unit) / self.rate_unit
+        return current + previous * share
+
+    def merge_count(self, kind: str, key: str, window: int, amount: int) -> None:
+        """Add amount to key's count in fixed window number `window` (now, or the one
+        before); an older window no longer counts."""
+        table = self._table(self._counters, kind)
+        entry = table.get(key) or [window, 0, 0]
+        if window > entry[0]:
+            entry[:] = [window, 0, entry[1] if window == entry[0] + 1 else 0]
+        if window == entry[0]:
+            entry[1] += amount
+        elif window == entry[0] - 1:
+            entry[2] += amount
+        table[key] = entry
+
     def mark(self, kind: str, key: str, value: float, until: float) -> None:
         self.merge_mark(kind, key, value, until, self._clock())
 
     def merge_mark(self, kind: str, key: str, value: float, until: float, now: float) -> None:
         """Keep the lower value of two marks in force (see mark)."""
-        table = self._marks.get(kind)
-        if table is None:
-            table = self._marks[kind] = BoundedTable(self._events.capacity)
+        table = self._table(self._marks, kind)
         current = table.get(key)
         if current is None or current[1] <= now or value < current[0]:
             table[key] = (value, until)
@@ -209,16 +237,26 @@ class MemoryStore(ReputationStore):
         table = self._marks.get(kind)
         return None if table is None else table.get(key)
 
+    def _table(self, tables: dict[str, BoundedTable], kind: str) -> BoundedTable:
+        table = tables.get(kind)
+        if table is None:
+            table = tables[kind] = BoundedTable(self._events.capacity)
+        return table
+
     def purge(self, now: float) -> None:
         horizon = now - self.retention
         self._events.drop_where(lambda times: times[-1] < horizon)
         self._bans.drop_where(lambda ban: ban.until <= now)
         for table in self._marks.values():
             table.drop_where(lambda mark: mark[1] <= now)
+        window = int(now // self.rate_unit)
+        for table in self._counters.values():
+            table.drop_where(lambda entry: entry[0] < window - 1)
 
     def take_evictions(self) -> dict[str, int]:
         return {"harvest": self._events.take_evictions(), "bans": self._bans.take_evictions(),
-                "greylist": sum(table.take_evictions() for table in self._marks.values())}
+                "greylist": sum(table.take_evictions() for table in self._marks.values()),
+                "rates": sum(table.take_evictions() for table in self._counters.values())}
 
 
 _SCHEMA = """
@@ -236,6 +274,14 @@ CREATE TABLE IF NOT EXISTS events (
     writer TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_at ON events (at);
+CREATE TABLE IF NOT EXISTS counts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    window INTEGER NOT NULL,
+    amount INTEGER NOT NULL,
+    writer TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS marks (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     kind TEXT NOT NULL,
@@ -255,8 +301,9 @@ class SqliteStore(MemoryStore):
 
     def __init__(self, path: str, retention: float, max_events_per_key: int = 256,
                  max_keys: int = 100_000, sync_interval: float = 1.0,
-                 clock: Callable[[], float] = time.time, read_events: bool = True):
-        super().__init__(retention, max_events_per_key, max_keys, clock)
+                 clock: Callable[[], float] = time.time, read_events: bool = True,
+                 rate_unit: float = RATE_UNIT):
+        super().__init__(retention, max_events_per_key, max_keys, clock, rate_unit)
         self.path = path
         self.read_events = read_events  # False: others' events are not kept (bans only)
         self.sync_interval = sync_interval
@@ -267,6 +314,11 @@ class SqliteStore(MemoryStore):
         self._last_ban_id = 0
         self._last_event_id = 0
         self._last_mark_id = 0
+        self._last_count_id = 0
+        # (kind, key, window) -> amount not yet written: the writer takes them in one
+        # row each per round, so a busy client costs no row per message
+        self._counts_to_write: collections.Counter = collections.Counter()
+        self._counts_lock = threading.Lock()  # the writer thread takes them
         self._closed = False
         self._db = self._open()
         self._load()
@@ -306,14 +358,19 @@ class SqliteStore(MemoryStore):
                 for kind, key, value, until in self._db.execute(
                         "SELECT kind, key, value, until FROM marks WHERE until > ?", (now,)):
                     super().merge_mark(kind, key, value, until, now)
-                self._last_ban_id, self._last_event_id, self._last_mark_id = self._max_ids()
+                for kind, key, window, amount in self._db.execute(
+                        "SELECT kind, key, window, amount FROM counts WHERE window >= ?",
+                        (int(now // self.rate_unit) - 1,)):
+                    super().merge_count(kind, key, window, amount)
+                (self._last_ban_id, self._last_event_id, self._last_mark_id,
+                 self._last_count_id) = self._max_ids()
         except sqlite3.Error as e:
             self._db.close()
             raise ReputationStoreError(f"cannot read reputation store {self.path}: {e}") from None
 
-    def _max_ids(self) -> tuple[int, int, int]:
+    def _max_ids(self) -> tuple[int, int, int, int]:
         return tuple(self._db.execute(f"SELECT COALESCE(MAX(id), 0) FROM {table}").fetchone()[0]
-                     for table in ("bans", "events", "marks"))
+                     for table in ("bans", "events", "marks", "counts"))
 
     # -- the interface: memory first, disk later -------------------------------------
 
@@ -339,6 +396,12 @@ class SqliteStore(MemoryStore):
     def ban_of(self, key: str, now: float) -> Ban | None:
         self._apply_inbox()
         return super().ban_of(key, now)
+
+    def count(self, kind: str, key: str, now: float, amount: int = 1) -> float:
+        self._apply_inbox()
+        with self._counts_lock:
+            self._counts_to_write[kind, key, int(now // self.rate_unit)] += amount
+        return super().count(kind, key, now, amount)
 
     def mark(self, kind: str, key: str, value: float, until: float) -> None:
         self._apply_inbox()
@@ -393,6 +456,8 @@ class SqliteStore(MemoryStore):
                 super().unban(*row)
             elif kind == "mark":
                 self.merge_mark(*row, self._clock())
+            elif kind == "count":
+                self.merge_count(*row)
             else:
                 self.merge_event(*row)
 
@@ -440,7 +505,9 @@ class SqliteStore(MemoryStore):
                   if op is not _STOP and op[0] == "event"]
         bans = [op for op in batch if op is not _STOP and op[0] in ("ban", "unban")]
         marks = [op[1:] for op in batch if op is not _STOP and op[0] == "mark"]
-        if not events and not bans and not marks:
+        with self._counts_lock:
+            counts, self._counts_to_write = self._counts_to_write, collections.Counter()
+        if not events and not bans and not marks and not counts:
             return
         replace = "INSERT OR REPLACE INTO bans (key, until, label, writer) VALUES (?, ?, ?, ?)"
         with self._db:
@@ -454,6 +521,9 @@ class SqliteStore(MemoryStore):
                 if kind == "unban" or row is None or until > row[0]:
                     self._db.execute(replace, (key, until, label[0] if label else UNBANNED,
                                                self._writer_id))
+            self._db.executemany(
+                "INSERT INTO counts (kind, key, window, amount, writer) VALUES (?, ?, ?, ?, ?)",
+                [(*row, amount, self._writer_id) for row, amount in counts.items()])
             now = self._clock()
             for kind, key, value, until in marks:  # the lower value of two in force stays
                 row = self._db.execute("SELECT value, until FROM marks WHERE kind = ? AND "
@@ -481,7 +551,12 @@ class SqliteStore(MemoryStore):
                     "SELECT kind, key, value, until FROM marks WHERE id > ? AND writer != ?",
                     (self._last_mark_id, self._writer_id)):
                 self._inbox.append(("mark", *row))
-            self._last_ban_id, self._last_event_id, self._last_mark_id = self._max_ids()
+            for row in self._db.execute(
+                    "SELECT kind, key, window, amount FROM counts WHERE id > ? AND writer != ?",
+                    (self._last_count_id, self._writer_id)):
+                self._inbox.append(("count", *row))
+            (self._last_ban_id, self._last_event_id, self._last_mark_id,
+             self._last_count_id) = self._max_ids()
 
     def _purge_rows(self) -> None:
         now = self._clock()
@@ -490,6 +565,8 @@ class SqliteStore(MemoryStore):
             self._db.execute("DELETE FROM bans WHERE until <= ?", (now - REMOVAL_GRACE,))
             self._db.execute("DELETE FROM events WHERE at <= ?", (now - self.retention,))
             self._db.execute("DELETE FROM marks WHERE until <= ?", (now,))
+            self._db.execute("DELETE FROM counts WHERE window < ?",
+                             (int(now // self.rate_unit) - 1,))
 
 
 def read_bans(path: str, now: float) -> list[Ban]:
@@ -522,11 +599,12 @@ def open_store(config, clock: Callable[[], float] = time.time,
     max_events = max(dha.ban_after, dha.prefix_ban_after) + 1
     max_keys = config.limits.max_tracked_clients
     if config.reputation.store == "memory":
-        return MemoryStore(retention, max_events, max_keys)
+        return MemoryStore(retention, max_events, max_keys, clock, config.limits.rate_time_unit)
+    unit = config.limits.rate_time_unit
     path = os.path.join(config.state_dir, DATABASE_NAME)
     if config.reputation.store == "redis":
         from .fleet import RedisStore
         return RedisStore(config.reputation.redis, path, retention, max_events, max_keys,
-                          config.reputation.sync_interval, clock, read_events)
+                          config.reputation.sync_interval, clock, read_events, unit)
     return SqliteStore(path, retention, max_events, max_keys, config.reputation.sync_interval,
-                       clock, read_events)
+                       clock, read_events, unit)

@@ -24,6 +24,8 @@ Why the default weights and thresholds are what they are:
   defaults (dha.tarpit_after, suspect_after, ban_after).
 - strike 2: a protocol error (unknown command, bad syntax); limits.max_strikes ends
   the session anyway.
+- rate 2: a client over a message, recipient or TLS rate (rates.py): by itself only
+  slowed down, like a strike.
 - Thresholds 5 / 10 / 20: a ban needs two strong signals and misconduct within the
   session (pregreet + dnsbl + one invalid recipient), so no single check's false
   positive can ban anyone.
@@ -54,6 +56,7 @@ class Signal(enum.Enum):
     BAD_HELO = "bad_helo"
     INVALID_RECIPIENT = "invalid_recipient"
     STRIKE = "strike"
+    RATE = "rate"
 
 
 LABELS = {Stage.TARPIT: "SCORE_TARPIT", Stage.TEMPFAIL: "SCORE_TEMPFAIL", Stage.BAN: "SCORE_BAN"}
