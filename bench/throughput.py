@@ -390,9 +390,10 @@ def start_portcullis(workdir: Path, idle: int, baseline: str = "",
             "max_connections_per_prefix": caps,
             "connection_rate_per_ip": 10_000.0,
             "connection_burst_per_ip": 1_000_000,
-            "message_rate_per_ip": 0,  # the load comes from one address
-            "recipient_rate_per_ip": 0,
-            "tls_rate_per_ip": 0,
+            # The load comes from one address: counted as in production, never capped.
+            "message_rate_per_ip": 1_000_000,
+            "recipient_rate_per_ip": 1_000_000,
+            "tls_rate_per_ip": 1_000_000,
         },
     }
     if store is not None:

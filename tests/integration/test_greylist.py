@@ -6,15 +6,17 @@ behaviour is the same, the test is faster.
 
 from __future__ import annotations
 
+import re
 import smtplib
 import time
+import urllib.request
 
 import pytest
 
 from tests.support.gate import GateProcess
 from tests.support.postfix import PostfixSender
 from tests.support.redis_server import RedisServer
-from tests.support.tools import wait_until
+from tests.support.tools import free_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +39,16 @@ def attempt(gate: GateProcess, recipient: str, source: str = "127.0.0.1",
         return client.data(f"Subject: {body}\r\n\r\n{body}\r\n".encode())
 
 
+def greylist_metrics(gate: GateProcess) -> dict[str, float]:
+    page = urllib.request.urlopen(f"http://{gate.settings['metrics']['listen']}/metrics",
+                                  timeout=5).read().decode()
+    found = re.findall(r'^portcullis_greylist_total\{event="(\w+)"\} (\S+)$', page, re.MULTILINE)
+    return {event: float(value) for event, value in found}
+
+
 def test_first_early_in_time_then_the_client_passes(postfix_backend, tmp_path):
-    with GateProcess(tmp_path, f"127.0.0.1:{postfix_backend.port}", greylist=GREYLIST) as gate:
+    with GateProcess(tmp_path, f"127.0.0.1:{postfix_backend.port}", greylist=GREYLIST,
+                     metrics={"listen": f"127.0.0.1:{free_port()}"}) as gate:
         first = attempt(gate, "alice@example.test", body="greylisted")
         unknown = attempt(gate, "nobody@example.test")  # no oracle: the same answer
         early = attempt(gate, "alice@example.test")
@@ -48,6 +58,8 @@ def test_first_early_in_time_then_the_client_passes(postfix_backend, tmp_path):
         another = attempt(gate, "bob@example.test", body="after the pass")
         labels = [rcpt["label"] for line in gate.session_lines()
                   for mail in line["mail"] for rcpt in mail["rcpts"]]
+        time.sleep(2.5)  # workers report their counts every second
+        counted = greylist_metrics(gate)
 
     assert first[0] == unknown[0] == early[0] == 451
     assert first[1] == unknown[1] == early[1]
@@ -56,6 +68,8 @@ def test_first_early_in_time_then_the_client_passes(postfix_backend, tmp_path):
     assert len(postfix_backend.wait_for("alice")) == 1  # delivered once
     assert len(postfix_backend.wait_for("bob")) == 1
     assert labels.count("GREYLISTED") == 3
+    # Two triplets seen (alice's, nobody's), one passed, none expired.
+    assert counted == {"seen": 2, "passed": 1, "expired": 0}
 
 
 def test_a_retry_after_the_window_starts_over(postfix_backend, tmp_path):

@@ -87,10 +87,16 @@ def test_over_the_recipient_rate_rcpt_gets_452(postfix_backend, tmp_path):
                   "nobody@example.test", "alice@example.test")]
         accepted = connection.data(b"Subject: four\r\n\r\nto the first recipients\r\n")[0]
         connection.quit()
+        # The sender sends to the refused recipient later: it arrives.
+        time.sleep(2 * UNIT)
+        later = client(gate, "127.0.5.2")
+        retried = send(later, 1)
+        later.quit()
     # The fourth RCPT counts (an unknown recipient is still a recipient); the fifth is over.
     assert codes == [250, 250, 250, 550, 452]
-    assert accepted == 250
+    assert accepted == retried == 250
     assert len(postfix_backend.wait_for("carol")) == 1
+    assert len(postfix_backend.wait_for("alice", 2)) == 2
 
 
 def test_over_the_tls_rate_starttls_gets_454_and_mail_still_flows(postfix_backend, tmp_path):
