@@ -304,3 +304,27 @@ def test_junk_in_the_store_is_skipped_when_loading(server):
 
     loaded, counts = asyncio.run(scenario())
     assert loaded and counts["bad_messages"] == 2
+
+
+def test_marks_and_counts_are_shared_and_marks_loaded(server):
+    """Greylisting's marks and the rates' counts (policy/greylist.py, rates.py)."""
+
+    async def scenario():
+        a, b = store(server, "a"), store(server, "b")
+        await started(a, b)
+        now = time.time()
+        a.mark("greylist", "triplet-1", now, now + 60)
+        b.mark("greylist", "triplet-1", now + 5, now + 65)  # later: the first one stays
+        for _ in range(3):
+            a.count("messages", "192.0.2.20", now)
+        await until(lambda: b.mark_of("greylist", "triplet-1") == (now, now + 60))
+        await until(lambda: b.count("messages", "192.0.2.20", now, 0) == 3, timeout=3)
+        late = store(server, "late")
+        await started(late)
+        loaded = late.mark_of("greylist", "triplet-1")
+        for each in (a, b, late):
+            await each.aclose()
+        return loaded, now
+
+    loaded, now = asyncio.run(scenario())
+    assert loaded == (now, now + 60)
