@@ -36,7 +36,7 @@ from .addresses import listening_socket
 from .config import Backend, HostPort
 
 # Tally keys: "reason:<LABEL>" for refusals and decisions, "evicted:<table>" for entries
-# a full per-client table dropped, plus these.
+# a full per-client table dropped, "store:<event>" and "greylist:<event>", plus these.
 RELAYED = "relayed"
 RELAYED_BYTES = "relayed_bytes"
 BACKEND_ERRORS = "backend_errors"
@@ -328,6 +328,9 @@ class Registry:
         for histogram in self.histograms.values():
             registry.register(histogram)
         self.backend = BackendProbe(self.backend_up)
+        # Tally keys "<prefix>:<label>": a series of a labelled counter (see Tally).
+        self._labelled = {"reason": self.reasons, "evicted": self.evictions,
+                          "store": self.store_counts, "greylist": self.greylist}
         self._plain = {
             RELAYED: self.relayed,
             RELAYED_BYTES: self.relayed_bytes,
@@ -342,14 +345,9 @@ class Registry:
     def merge(self, report: dict) -> None:
         """Add a Tally's drained report."""
         for key, amount in report.get("tally", {}).items():
-            if key.startswith("reason:"):
-                self.reasons.labels(key[7:]).inc(amount)
-            elif key.startswith("evicted:"):
-                self.evictions.labels(key[8:]).inc(amount)
-            elif key.startswith("store:"):
-                self.store_counts.labels(key[6:]).inc(amount)
-            elif key.startswith("greylist:"):
-                self.greylist.labels(key[9:]).inc(amount)
+            prefix, labelled, label = key.partition(":")
+            if labelled and prefix in self._labelled:
+                self._labelled[prefix].labels(label).inc(amount)
             elif key in self._plain:
                 self._plain[key].inc(amount)
         for key, shipped in report.get("histograms", {}).items():
