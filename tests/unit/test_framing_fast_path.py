@@ -131,6 +131,32 @@ def test_a_clean_megabyte_takes_the_fast_path(monkeypatch):
     assert seen_by_loop[-1] == b".\r\n"
 
 
+_DOTLESS = _LINE.replace(b",", b" ") * 13_000  # about 1 MiB without a single dot
+_DEEP = _DOTLESS.index(b"\n", 700_000) + 1  # a line start deep in it
+
+
+@pytest.mark.parametrize("content, stuffed", [
+    (_DOTLESS, 0),  # no dot anywhere: the fast path's memchr finds none
+    (_DOTLESS[:_DEEP] + _STUFFED + _DOTLESS[_DEEP:], 1),  # one stuffed line, deep in it
+])
+def test_dots_only_deep_or_nowhere_frame_as_the_line_loop_does(content, stuffed):
+    reads = in_reads(content + b".\r\n")
+    lines = MessageLines(1000, 10 << 20)
+    results = frame(lines, reads)
+    assert results == frame(ReferenceLines(1000, 10 << 20), reads)
+    assert results[-1] == MessageEnd(None)
+    assert b"".join(results[:-1]) == content
+    assert lines.size == len(content) - stuffed
+
+
+def test_an_early_final_dot_in_a_dotless_megabyte_ends_the_message_there():
+    content = _DOTLESS[:_DEEP] + b".\r\nRSET\r\n" + _DOTLESS[_DEEP:]
+    results = frame(MessageLines(1000, 10 << 20), in_reads(content))
+    assert results == frame(ReferenceLines(1000, 10 << 20), in_reads(content))
+    assert results[-1] == MessageEnd(None)
+    assert b"".join(results[:-1]) == _DOTLESS[:_DEEP]
+
+
 @pytest.mark.parametrize("flaw, last", [
     (b"x" * 999 + b"\r\n", MessageEnd(Problem.LINE_TOO_LONG)),
     (b"a\nb\r\n", Problem.BARE_LF),
