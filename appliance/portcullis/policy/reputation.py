@@ -214,14 +214,15 @@ class MemoryStore(ReputationStore):
         """Add amount to key's count in fixed window number `window` (now, or the one
         before); an older window no longer counts."""
         table = self._table(self._counters, kind)
-        entry = table.get(key) or [window, 0, 0]
+        entry = table.get(key)  # updated in place: get() already made it the newest
+        if entry is None:
+            entry = table[key] = [window, 0, 0]
         if window > entry[0]:
             entry[:] = [window, 0, entry[1] if window == entry[0] + 1 else 0]
         if window == entry[0]:
             entry[1] += amount
         elif window == entry[0] - 1:
             entry[2] += amount
-        table[key] = entry
 
     def mark(self, kind: str, key: str, value: float, until: float) -> None:
         self.merge_mark(kind, key, value, until, self._clock())
