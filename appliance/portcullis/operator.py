@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import fields, is_dataclass
@@ -38,6 +39,9 @@ STATUS_FILE = "status.json"  # in state_dir
 STALE_AFTER = 5.0  # seconds without an update after which the gate counts as stopped
 HELPER_TIMEOUT = 15.0  # the helper may take its NFT_TIMEOUT (10 s) per request
 PROBE_TIMEOUT = 3.0  # the most a backend probe waits, to connect and for the banner
+MOUNTINFO = "/proc/self/mountinfo"
+MEMORY_FILESYSTEMS = ("tmpfs", "ramfs")  # what is on them is gone at reboot
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")  # mountinfo's \040 for a space, and the like
 SYNC_MARGIN = 0.5  # seconds beyond sync_interval until every gate process saw a change
 ADMIN_BAN = "ADMIN_BAN"  # the label of a ban added by `bans add`
 
@@ -142,7 +146,50 @@ def status(config: Config) -> str:
     lines += [f"backend {server}: {probe_backend(server, config.backend, timeout)}"
               for server in config.backend.servers]
     lines.append(f"store: {_store_health(config)}; write errors: {facts['store_write_errors']}")
+    lines.append(f"state: {state_storage(config.state_dir)}")
     return "\n".join(lines)
+
+
+def state_storage(path: str, mountinfo: str = MOUNTINFO) -> str:
+    """Where the state directory lives: the device and filesystem of the mount that
+    holds it, or that it is in memory, so bans and reputation are lost at reboot (an
+    appliance booted without its data disk)."""
+    target = os.path.realpath(path)
+    found = None
+    try:
+        with open(mountinfo, encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                mount = _mount(line)
+                # The deepest mount point wins; of two on the same point, the later.
+                if mount and _holds(mount[0], target) and (
+                        found is None or len(mount[0]) >= len(found[0])):
+                    found = mount
+    except OSError as e:
+        return f"{path} (cannot read {mountinfo}: {e.strerror})"
+    if found is None:
+        return f"{path} (on no mount listed in {mountinfo})"
+    _, fstype, source = found
+    if fstype in MEMORY_FILESYSTEMS:
+        return f"{path} on {fstype}: bans, reputation and the TLS pair are lost at reboot"
+    return f"{path} on {source} ({fstype})"
+
+
+def _mount(line: str) -> tuple[str, str, str] | None:
+    """(mount point, filesystem type, source) of a mountinfo line (proc(5)); octal
+    escapes such as \\040 for a space undone."""
+    before, separator, after = line.partition(" - ")
+    fields, tail = before.split(), after.split()
+    if not separator or len(fields) < 5 or len(tail) < 2:
+        return None
+    return _unescape(fields[4]), tail[0], _unescape(tail[1])
+
+
+def _unescape(text: str) -> str:
+    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match[1], 8)), text)
+
+
+def _holds(mount_point: str, path: str) -> bool:
+    return path == mount_point or path.startswith(mount_point.rstrip("/") + "/")
 
 
 def probe_backend(server: HostPort, backend: Backend, timeout: float) -> str:

@@ -49,6 +49,16 @@ def test_status_file_and_journal_say_where_the_state_is(host, status):
         assert "is lost at reboot" in warnings
 
 
+def test_status_command_says_where_the_state_is(host, status, portcullis):
+    report = host.check_output(f"{portcullis['portcullis_venv']}/bin/portcullis status")
+    states = [line for line in report.splitlines() if line.startswith("state: ")]
+    if status["storage"] == "disk":
+        assert states == [f"state: {STATE_DIR} on {status['device']} (ext4)"]
+    else:
+        lost = "bans, reputation and the TLS pair are lost at reboot"
+        assert states == [f"state: {STATE_DIR} on tmpfs: {lost}"]
+
+
 def test_gate_starts_only_after_the_mount(host):
     assert UNIT in unit_property(host, "portcullis.service", "Requires").split()
     assert UNIT in unit_property(host, "portcullis.service", "After").split()

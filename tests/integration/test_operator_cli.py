@@ -111,6 +111,18 @@ def read_status(gate: GateProcess) -> str:
     return succeeded(portcullis(gate.config_path, "status"))
 
 
+def state_line(state_dir: Path) -> str:
+    """What status should say of the state directory, as util-linux's findmnt sees it."""
+    found = subprocess.run(["findmnt", "--noheadings", "--nofsroot", "--output",
+                            "FSTYPE,SOURCE", "--target", str(state_dir)],
+                           capture_output=True, text=True, check=True).stdout.split()
+    filesystem, source = found[0], found[1]
+    if filesystem in ("tmpfs", "ramfs"):
+        return (f"{state_dir} on {filesystem}: bans, reputation and the TLS pair are lost "
+                "at reboot")
+    return f"{state_dir} on {source} ({filesystem})"
+
+
 def test_status_reports_the_running_gate(tmp_path):
     backend = FaultBackend().start()
     with GateProcess(tmp_path, f"127.0.0.1:{backend.port}",
@@ -132,6 +144,7 @@ def test_status_reports_the_running_gate(tmp_path):
             status)
         assert (f"\nstore: sqlite {tmp_path}/state/reputation.db: readable, 0 active bans; "
                 "write errors: 0\n") in status
+        assert f"\nstate: {state_line(tmp_path / 'state')}\n" in status
 
         backend.stop()
         assert (f"\nbackend 127.0.0.1:{backend.port}: unreachable (Connection refused)\n"
