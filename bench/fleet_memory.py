@@ -53,7 +53,7 @@ async def fill(server: RedisServer, workdir: Path, clients: int) -> list[tuple[s
     now = time.time()
 
     async def settled() -> int:
-        while store._queued or store._queued_bans:
+        while store.unsent:
             await asyncio.sleep(0.05)
         return used_memory(server)
 

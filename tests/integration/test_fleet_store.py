@@ -166,19 +166,22 @@ def test_a_lost_server_never_blocks_and_what_was_decided_meanwhile_is_shared(ser
             slowest = max(slowest, time.perf_counter() - began)
         a.ban("192.0.2.66", now + 3600, "DHA_BAN")
         local = a.count_events("192.0.2.66", now), b.count_events("192.0.2.66", now)
+        held = a.unsent
         if fault == "killed":
             server.start()
         else:
             server.resume()
-        back = await until(lambda: a.shared and b.shared, timeout=40)
+        await until(lambda: a.shared and b.shared, timeout=40)
         await until(lambda: b.ban_of("192.0.2.66", now) is not None, timeout=5)
         await until(lambda: b.count_events("192.0.2.66", now) == 20, timeout=5)
+        await until(lambda: a.unsent == 0, timeout=5)
         counts = a.take_counts()
         for each in (a, b):
             await each.aclose()
-        return lost, slowest, local, back, told, counts
+        return lost, slowest, local, held, told, counts
 
-    lost, slowest, local, _, told, counts = asyncio.run(scenario())
+    lost, slowest, local, held, told, counts = asyncio.run(scenario())
+    assert held == 21  # 20 events and the ban, kept until the server takes them
     assert lost < 0.3 + 1.0 + 1.0  # timeout + heartbeat, and a margin for the test's polling
     assert slowest < 0.01
     assert local == (20, 0)

@@ -144,6 +144,11 @@ class RedisStore(SqliteStore):
         self._counts_to_send[kind, key, int(now // self.rate_unit)] += amount
         return MemoryStore.count(self, kind, key, now, amount)
 
+    @property
+    def unsent(self) -> int:
+        """Writes queued for the server that it has not taken yet (rate counts apart)."""
+        return len(self._queued) + len(self._queued_bans)
+
     def take_counts(self) -> dict[str, int]:
         """round_trips, outages, dropped (queue full), rejected (refused by the server),
         bad_messages (unreadable on the channel or in the store), since the last call."""
