@@ -37,6 +37,11 @@ Idle connections: opens many silent connections from several 127.0.0.x addresses
 counts which got a banner, a refusal or nothing, the bytes per idle connection held, and
 how long a legitimate delivery from another address takes meanwhile.
 
+The relay floor: "Python relay floor" (--targets key floor, on by default) is
+bench/relay_floor.py, a transparent proxy on uvloop's protocols with a backend
+connection per client and nothing else: no SMTP, no policy. What Portcullis spends
+beyond it is the cost of its work; the floor against Postfix is what Python allows here.
+
 With --baseline REV, Portcullis as of git revision REV runs too, as one more target, so
 that a change is measured against what it changes in the same run.
 
@@ -83,6 +88,7 @@ HOST = "127.0.0.1"
 PEER = "Postfix postscreen+proxy"  # the target Portcullis is compared with
 OURS = "Portcullis"  # as shipped: reputation.store: sqlite
 OURS_REDIS = "Portcullis (redis store)"  # the same with reputation.store: redis
+FLOOR = "Python relay floor"  # bench/relay_floor.py: bytes across, nothing else
 STORE_BOUND = 0.9  # redis-store throughput below this share of SQLite's is flagged
 LEGIT_SOURCE = "127.0.0.250"  # the legitimate client of the idle test
 IDLE_SOURCES = [f"127.0.0.{n}" for n in range(2, 22)]  # where idle connections come from
@@ -340,6 +346,34 @@ def start_postfix_proxy(workdir: Path) -> Target:
         sink.close()
     # postscreen makes a new address wait postscreen_greet_wait (6 s) before its banner.
     return Target(PEER, port, instance.master_pid(), sink, settle=9.0, close=close)
+
+
+def start_floor(workdir: Path) -> Target:
+    """bench/relay_floor.py, one process per CPU, relaying to its own smtp-sink."""
+    sink = SmtpSink(workdir, "floor")
+    port = free_port(HOST)
+    process = subprocess.Popen([sys.executable, str(REPO / "bench" / "relay_floor.py"),
+                                str(port), str(sink.port)])
+
+    def close() -> None:
+        for pid in process_tree(process.pid):  # the forked processes too
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        process.wait()
+        sink.close()
+
+    try:
+        wait_until(lambda: process.poll() is not None or port_accepts(HOST, port), 10,
+                   "the relay floor to listen")
+    except TimeoutError:
+        close()
+        raise NotRunnable("bench/relay_floor.py did not listen within 10 s") from None
+    if process.poll() is not None:
+        close()
+        raise NotRunnable(f"bench/relay_floor.py exited with status {process.returncode}")
+    return Target(FLOOR, port, process.pid, sink, close=close)
 
 
 def start_portcullis(workdir: Path, idle: int, baseline: str = "",
@@ -706,15 +740,16 @@ def spread(values: list[float]) -> str:
 
 
 def ratio_rows(medians: dict[str, list[float | None]]) -> dict[str, list[str]]:
-    """Per column, Portcullis over the Postfix peer and over the baseline, and its redis
-    store over its SQLite store, where measured."""
+    """Per column, Portcullis over the Postfix peer and over the baseline, its redis
+    store over its SQLite store, and the relay floor over the peer, where measured."""
     baseline = next((row for name, row in medians.items() if name.startswith(f"{OURS} @")),
                     None)
     rows = {}
     for label, ours, theirs in (
             ("ratio Portcullis/Postfix", medians.get(OURS), medians.get(PEER)),
             ("ratio Portcullis/baseline", medians.get(OURS), baseline),
-            ("ratio redis/SQLite store", medians.get(OURS_REDIS), medians.get(OURS))):
+            ("ratio redis/SQLite store", medians.get(OURS_REDIS), medians.get(OURS)),
+            ("ratio floor/Postfix", medians.get(FLOOR), medians.get(PEER))):
         if ours and theirs:
             rows[label] = [f"{a / b:.2f}" if a and b else "n/a"
                            for a, b in zip(ours, theirs, strict=True)]
@@ -884,9 +919,10 @@ def main() -> int:
     parser.add_argument("--idle", type=int, help="idle connections to hold (10000)")
     parser.add_argument("--idle-peer", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the idle test against the Postfix peer")
-    parser.add_argument("--targets", default="sink,postfix,portcullis,portcullis-redis",
-                        help="comma-separated subset of sink,postfix,portcullis,portcullis-redis"
-                        " (all; portcullis-redis: reputation.store redis, a private redis-server)")
+    parser.add_argument("--targets", default="sink,postfix,portcullis,portcullis-redis,floor",
+                        help="comma-separated subset of sink,postfix,portcullis,portcullis-redis,"
+                        "floor (all; portcullis-redis: reputation.store redis, a private "
+                        "redis-server; floor: bench/relay_floor.py)")
     parser.add_argument("--baseline", metavar="REV",
                         help="also measure Portcullis as of this git revision")
     parser.add_argument("--quick", action="store_true",
@@ -929,6 +965,7 @@ def main() -> int:
             "sink": ("smtp-sink directly", lambda: start_sink_target(workdir), False),
             "postfix": (PEER, lambda: start_postfix_proxy(workdir), args.idle_peer),
             "portcullis": (OURS, lambda: start_portcullis(workdir, args.idle), True),
+            "floor": (FLOOR, lambda: start_floor(workdir), False),
             # The idle test does not touch the store: run it once, with the SQLite one.
             "portcullis-redis": (OURS_REDIS, lambda: start_portcullis(
                 workdir, args.idle, store=FleetStore(workdir / "redis")), False),

@@ -8,7 +8,9 @@
 # Portcullis runs twice: as shipped (SQLite store) and with reputation.store: redis on a
 # private redis-server (target portcullis-redis); a table gives redis/SQLite per shape and
 # the store's round trips per message, counted by redis-server (EXEC + PING, heartbeats
-# included). BENCH_ARGS=--targets=portcullis,portcullis-redis runs only those two.
+# included). A fifth target, the Python relay floor (bench/relay_floor.py: bytes across,
+# no SMTP, no policy), shows what the gate's own work costs beyond Python's floor.
+# BENCH_ARGS=--targets=portcullis,portcullis-redis runs only those two.
 # BENCH_ARGS=--shapes=s20,mib runs some of them.
 # `make bench-memory`: gate PSS and evictions under 50,000 IPv6 clients (bench/ipv6_sources.py).
 # `make bench-fleet-memory`: bytes per tracked client in the fleet store (bench/fleet_memory.py).
