@@ -178,10 +178,10 @@ def _mount(line: str) -> tuple[str, str, str] | None:
     """(mount point, filesystem type, source) of a mountinfo line (proc(5)); octal
     escapes such as \\040 for a space undone."""
     before, separator, after = line.partition(" - ")
-    fields, tail = before.split(), after.split()
-    if not separator or len(fields) < 5 or len(tail) < 2:
+    head, tail = before.split(), after.split()
+    if not separator or len(head) < 5 or len(tail) < 2:
         return None
-    return _unescape(fields[4]), tail[0], _unescape(tail[1])
+    return _unescape(head[4]), tail[0], _unescape(tail[1])
 
 
 def _unescape(text: str) -> str:
