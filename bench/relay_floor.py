@@ -35,7 +35,8 @@ class BackendSide(asyncio.Protocol):
 
 
 class ClientSide(asyncio.Protocol):
-    backend_port = 0
+    def __init__(self, backend_port: int):
+        self.backend_port = backend_port
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
@@ -66,8 +67,9 @@ class ClientSide(asyncio.Protocol):
             self.backend.close()
 
 
-async def serve(listener: socket.socket) -> None:
-    server = await asyncio.get_running_loop().create_server(ClientSide, sock=listener)
+async def serve(listener: socket.socket, backend_port: int) -> None:
+    server = await asyncio.get_running_loop().create_server(
+        lambda: ClientSide(backend_port), sock=listener)
     await server.serve_forever()
 
 
@@ -77,7 +79,6 @@ def main() -> None:
     parser.add_argument("backend_port", type=int)
     parser.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
-    ClientSide.backend_port = args.backend_port
     listener = socket.create_server((HOST, args.listen_port), backlog=4096)
     for _ in range(args.processes - 1):
         if os.fork() == 0:
@@ -87,7 +88,7 @@ def main() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())  # as the gate runs
     except ImportError:
         pass
-    asyncio.run(serve(listener))
+    asyncio.run(serve(listener, args.backend_port))
 
 
 if __name__ == "__main__":

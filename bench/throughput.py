@@ -965,10 +965,10 @@ def main() -> int:
             "sink": ("smtp-sink directly", lambda: start_sink_target(workdir), False),
             "postfix": (PEER, lambda: start_postfix_proxy(workdir), args.idle_peer),
             "portcullis": (OURS, lambda: start_portcullis(workdir, args.idle), True),
-            "floor": (FLOOR, lambda: start_floor(workdir), False),
             # The idle test does not touch the store: run it once, with the SQLite one.
             "portcullis-redis": (OURS_REDIS, lambda: start_portcullis(
                 workdir, args.idle, store=FleetStore(workdir / "redis")), False),
+            "floor": (FLOOR, lambda: start_floor(workdir), False),
         }
         keys = args.targets.split(",")
         if args.baseline:
